@@ -1,0 +1,111 @@
+"""Pricing: the cost of one event's tokens, exact to the femto-dollar and rounded once.
+
+A price is an ``int`` of nano-dollars per million tokens, so a token count times a price is an
+exact ``int`` of femto-dollars (1e-15 USD). Each of the four disjoint token buckets is priced
+exactly; only their sum is rounded, once, half-up, to nano-dollars (:func:`money.round_femto`).
+Output counts already include reasoning, so reasoning tokens are priced instead of, never on top
+of, their share of output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from billing.money import Nanos, format_femto_usd, format_usd, round_femto
+from billing.usage import TokenCounts
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Prices in nano-dollars per million tokens (see billing.money)."""
+
+    input_nanos_per_m: int
+    output_nanos_per_m: int
+    cached_input_nanos_per_m: int | None = None
+    """None: cached input costs the same as input."""
+    reasoning_nanos_per_m: int | None = None
+    """None: reasoning costs the same as output."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "input_nanos_per_m",
+            "output_nanos_per_m",
+            "cached_input_nanos_per_m",
+            "reasoning_nanos_per_m",
+        ):
+            value = getattr(self, name)
+            if value is None and name in ("cached_input_nanos_per_m", "reasoning_nanos_per_m"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Price.{name} must be an int of nano-dollars, got {value!r}")
+            if value < 0:
+                raise ValueError(f"Price.{name} must not be negative, got {value}")
+
+    @property
+    def cached_input(self) -> int:
+        """The cached-input price in effect: the cached price if set, else the input price."""
+        if self.cached_input_nanos_per_m is None:
+            return self.input_nanos_per_m
+        return self.cached_input_nanos_per_m
+
+    @property
+    def reasoning(self) -> int:
+        """The reasoning price in effect: the reasoning price if set, else the output price."""
+        if self.reasoning_nanos_per_m is None:
+            return self.output_nanos_per_m
+        return self.reasoning_nanos_per_m
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """One event's exact priced parts in femto-dollars and the charged total in nano-dollars."""
+
+    input_femtos: int
+    cached_femtos: int
+    output_femtos: int
+    reasoning_femtos: int
+    total_nanos: Nanos
+
+    def __post_init__(self) -> None:
+        parts = (self.input_femtos, self.cached_femtos, self.output_femtos, self.reasoning_femtos)
+        if any(part < 0 for part in parts):
+            raise ValueError(f"cost parts are never negative, got {parts}")
+        # A total that disagrees with its parts would make the stored breakdown a lie.
+        if self.total_nanos != round_femto(sum(parts)):
+            raise ValueError(
+                f"total_nanos {self.total_nanos} is not the half-up rounding of the parts "
+                f"({sum(parts)} femto-dollars)"
+            )
+
+    @classmethod
+    def from_parts(
+        cls, input_femtos: int, cached_femtos: int, output_femtos: int, reasoning_femtos: int
+    ) -> Cost:
+        """A Cost whose total is the parts' sum rounded half-up; ValueError if a part is < 0."""
+        total = round_femto(input_femtos + cached_femtos + output_femtos + reasoning_femtos)
+        return cls(input_femtos, cached_femtos, output_femtos, reasoning_femtos, total)
+
+    @property
+    def exact_femtos(self) -> int:
+        """The unrounded cost: the sum of the four parts, in femto-dollars."""
+        return self.input_femtos + self.cached_femtos + self.output_femtos + self.reasoning_femtos
+
+    def breakdown(self) -> dict[str, str]:
+        """The parts as exact USD strings and the charged total as a nine-place USD string."""
+        return {
+            "input_usd": format_femto_usd(self.input_femtos),
+            "cached_usd": format_femto_usd(self.cached_femtos),
+            "output_usd": format_femto_usd(self.output_femtos),
+            "reasoning_usd": format_femto_usd(self.reasoning_femtos),
+            "total_usd": format_usd(self.total_nanos),
+        }
+
+
+def price_usage(counts: TokenCounts, price: Price) -> Cost:
+    """Price one event's tokens exactly, rounding the total once half-up; raises nothing."""
+    return Cost.from_parts(
+        input_femtos=(counts.input_tokens - counts.cached_tokens) * price.input_nanos_per_m,
+        cached_femtos=counts.cached_tokens * price.cached_input,
+        output_femtos=(counts.output_tokens - counts.reasoning_tokens) * price.output_nanos_per_m,
+        reasoning_femtos=counts.reasoning_tokens * price.reasoning,
+    )
