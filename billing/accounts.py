@@ -1,0 +1,67 @@
+"""Accounts: who pays. The prepaid balance belongs to the account, not to its keys.
+
+``balance_nanos`` is written only by ``billing.ledger``, in the same transaction as the entry
+that explains it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from billing.db import Base
+from billing.errors import NotFound
+from billing.money import Nanos
+from billing.tokens import new_id
+
+
+class Account(Base):
+    """A customer account holding a prepaid balance in nano-dollars."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    balance_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime]
+
+    @property
+    def held_nanos(self) -> Nanos:
+        """Open holds against the balance. Holds arrive with gateway authorization (issue #4)."""
+        return 0
+
+    @property
+    def available_nanos(self) -> Nanos:
+        """What can still be spent: balance minus open holds."""
+        return self.balance_nanos - self.held_nanos
+
+
+class AccountNotFound(NotFound):
+    """No account has that id."""
+
+
+def create_account(session: Session, *, name: str, email: str | None, now: dt.datetime) -> Account:
+    """Open an account with a zero balance."""
+    account = Account(id=new_id("acct"), name=name, email=email, balance_nanos=0, created_at=now)
+    session.add(account)
+    session.flush()
+    return account
+
+
+def get_account(session: Session, account_id: str) -> Account:
+    """The account with that id; raises AccountNotFound."""
+    account = session.get(Account, account_id)
+    if account is None:
+        raise AccountNotFound(f"No account with id {account_id!r}.", param="account_id")
+    return account
+
+
+def list_accounts(session: Session, *, after: str | None, limit: int) -> list[Account]:
+    """Accounts in creation order, starting after the id ``after``."""
+    query = select(Account).order_by(Account.id).limit(limit)
+    if after is not None:
+        query = query.where(Account.id > after)
+    return list(session.scalars(query))

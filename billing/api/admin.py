@@ -1,0 +1,292 @@
+"""The admin API (``/admin/v1``): operators manage accounts, keys, prices and money.
+
+Every route requires an admin bearer token (checked before anything else), and every write that
+succeeds is recorded in the audit log in the same transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flask import Response, g, request
+from flask_openapi3 import APIBlueprint, Tag
+
+from billing import accounts, audit, catalog, keys, ledger
+from billing.api import render, schemas
+from billing.api.context import bearer_token, now, session, settings
+from billing.auth import Role, authenticate
+from billing.errors import InvalidRequest
+from billing.money import parse_usd
+
+SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
+ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}
+
+admin = APIBlueprint(
+    "admin", __name__, url_prefix="/admin/v1", abp_security=SECURITY, abp_responses=ERRORS
+)
+ACCOUNTS = [Tag(name="Accounts")]
+KEYS = [Tag(name="Keys")]
+LEDGER = [Tag(name="Ledger")]
+MODELS = [Tag(name="Models and prices")]
+AUDIT = [Tag(name="Audit")]
+
+
+@admin.before_request
+def _authenticate() -> None:
+    config = settings()
+    bootstrap = (
+        config.billing_admin_token.get_secret_value() if config.billing_admin_token else None
+    )
+    g.actor = authenticate(
+        session(), bearer_token(), role=Role.ADMIN, bootstrap=bootstrap, hmac_key=config.hmac_key
+    )
+
+
+@admin.after_request
+def _audit(response: Response) -> Response:
+    if request.method != "GET" and response.status_code < 400 and "actor" in g:
+        body = response.get_json(silent=True) or {}
+        target = body.get("id") or next(iter((request.view_args or {}).values()), None)
+        audit.record(
+            session(),
+            actor=g.actor,
+            action=f"{request.method} {rule.rule if (rule := request.url_rule) else request.path}",
+            target_id=str(target) if target is not None else None,
+            status=response.status_code,
+            request=request.get_json(silent=True),
+            now=now(),
+        )
+    return response
+
+
+def _page(items: list[Any], limit: int, position: Any) -> dict[str, Any]:
+    cursor = schemas.encode_cursor(position(items[-1])) if len(items) == limit else None
+    return {
+        "object": "list",
+        "data": [item.model_dump(mode="json") for item in items],
+        "next_cursor": cursor,
+    }
+
+
+# Accounts
+
+
+@admin.post("/accounts", tags=ACCOUNTS, responses={201: schemas.AccountOut})
+def create_account(body: schemas.AccountCreate) -> tuple[dict[str, Any], int]:
+    """Open an account with a zero balance."""
+    row = accounts.create_account(session(), name=body.name, email=body.email, now=now())
+    return render.account(row).model_dump(mode="json"), 201
+
+
+@admin.get("/accounts", tags=ACCOUNTS, responses={200: schemas.Page[schemas.AccountOut]})
+def list_accounts(query: schemas.PageQuery) -> dict[str, Any]:
+    """Accounts, oldest first."""
+    rows = accounts.list_accounts(
+        session(), after=schemas.decode_cursor(query.cursor), limit=query.limit
+    )
+    return _page([render.account(row) for row in rows], query.limit, lambda item: item.id)
+
+
+@admin.get("/accounts/<account_id>", tags=ACCOUNTS, responses={200: schemas.AccountOut})
+def get_account(path: schemas.AccountPath) -> dict[str, Any]:
+    """An account with its balance, held and available amounts."""
+    return render.account(accounts.get_account(session(), path.account_id)).model_dump(mode="json")
+
+
+# Keys
+
+
+def _cap(body: schemas.KeyFields) -> int | None:
+    return None if body.monthly_cap_usd is None else parse_usd(body.monthly_cap_usd)
+
+
+@admin.post("/accounts/<account_id>/keys", tags=KEYS, responses={201: schemas.KeyWithSecret})
+def create_key(path: schemas.AccountPath, body: schemas.KeyCreate) -> tuple[dict[str, Any], int]:
+    """Issue a key. The secret `key` is in this response only."""
+    rate_limit = (
+        body.rate_limit if "rate_limit" in body.model_fields_set else settings().default_rate_limit
+    )
+    config = keys.KeySettings(
+        name=body.name,
+        rate_limit=rate_limit,
+        monthly_cap_nanos=_cap(body),
+        allowed_models=body.allowed_models,
+        expires_at=body.expires_at,
+    )
+    at = now()
+    row, secret = keys.issue_key(
+        session(), account_id=path.account_id, settings=config, hmac_key=settings().hmac_key, now=at
+    )
+    return render.key_with_secret(row, secret, now=at).model_dump(mode="json"), 201
+
+
+@admin.get("/accounts/<account_id>/keys", tags=KEYS, responses={200: schemas.Page[schemas.KeyOut]})
+def list_keys(path: schemas.AccountPath) -> dict[str, Any]:
+    """The keys of an account (secrets masked)."""
+    at = now()
+    rows = keys.list_keys(session(), path.account_id)
+    return {
+        "object": "list",
+        "data": [render.key(row, now=at).model_dump(mode="json") for row in rows],
+        "next_cursor": None,
+    }
+
+
+@admin.get("/keys/<key_id>", tags=KEYS, responses={200: schemas.KeyOut})
+def get_key(path: schemas.KeyPath) -> dict[str, Any]:
+    """A key with its state and the HTTP status the gateway answers for it."""
+    return render.key(keys.get_key(session(), path.key_id), now=now()).model_dump(mode="json")
+
+
+@admin.patch("/keys/<key_id>", tags=KEYS, responses={200: schemas.KeyOut})
+def update_key(path: schemas.KeyPath, body: schemas.KeyUpdate) -> dict[str, Any]:
+    """Change a key's settings; fields left out keep their value. `disabled` turns it off or on."""
+    row = keys.get_key(session(), path.key_id)
+    given = body.model_fields_set
+    current = keys.KeySettings(
+        name=row.name,
+        rate_limit=row.rate_limit,
+        monthly_cap_nanos=row.monthly_cap_nanos,
+        allowed_models=row.allowed_models,
+        expires_at=row.expires_at,
+    )
+    if "name" in given and body.name is None:
+        raise InvalidRequest("name must not be null.", param="name")
+    changes: dict[str, Any] = {
+        field: getattr(body, field)
+        for field in ("name", "rate_limit", "allowed_models", "expires_at")
+        if field in given
+    }
+    if "monthly_cap_usd" in given:
+        changes["monthly_cap_nanos"] = _cap(body)
+    at = now()
+    row = keys.update_key(
+        session(),
+        path.key_id,
+        settings=dataclasses.replace(current, **changes),
+        disabled=body.disabled,
+        now=at,
+    )
+    return render.key(row, now=at).model_dump(mode="json")
+
+
+@admin.post("/keys/<key_id>/revoke", tags=KEYS, responses={200: schemas.KeyOut})
+def revoke_key(path: schemas.KeyPath) -> dict[str, Any]:
+    """Revoke a key for good (401 from now on)."""
+    at = now()
+    return render.key(keys.revoke_key(session(), path.key_id, now=at), now=at).model_dump(
+        mode="json"
+    )
+
+
+@admin.post("/keys/<key_id>/rotate", tags=KEYS, responses={200: schemas.KeyWithSecret})
+def rotate_key(path: schemas.KeyPath) -> dict[str, Any]:
+    """Replace a key's secret; the old secret stops working at once. The new `key` is shown once."""
+    at = now()
+    row, secret = keys.rotate_key(session(), path.key_id, hmac_key=settings().hmac_key, now=at)
+    return render.key_with_secret(row, secret, now=at).model_dump(mode="json")
+
+
+# Ledger
+
+
+@admin.post(
+    "/accounts/<account_id>/adjustments",
+    tags=LEDGER,
+    responses={201: schemas.LedgerEntryOut, 200: schemas.LedgerEntryOut, 409: schemas.ErrorOut},
+)
+def create_adjustment(
+    path: schemas.AccountPath, header: schemas.IdempotencyHeader, body: schemas.AdjustmentCreate
+) -> tuple[dict[str, Any], int]:
+    """Credit (positive) or debit (negative) an account, with a reason.
+
+    Requires an `Idempotency-Key`: a retry with the same key and body answers the original entry
+    (200) without moving money again; the same key with a different body answers 409.
+    """
+    entry, created = ledger.post(
+        session(),
+        ledger.Posting(
+            account_id=path.account_id,
+            kind=ledger.EntryKind.ADJUSTMENT,
+            amount_nanos=parse_usd(body.amount_usd),
+            reason=body.reason,
+            actor=g.actor,
+            idempotency_key=f"adjustment:{header.idempotency_key}",
+        ),
+        now=now(),
+    )
+    return render.ledger_entry(entry).model_dump(mode="json"), 201 if created else 200
+
+
+@admin.get(
+    "/accounts/<account_id>/ledger",
+    tags=LEDGER,
+    responses={200: schemas.Page[schemas.LedgerEntryOut]},
+)
+def list_ledger(path: schemas.AccountPath, query: schemas.PageQuery) -> dict[str, Any]:
+    """An account's ledger entries, newest first."""
+    rows = ledger.entries(
+        session(),
+        path.account_id,
+        before=schemas.decode_int_cursor(query.cursor),
+        limit=query.limit,
+    )
+    return _page([render.ledger_entry(row) for row in rows], query.limit, lambda item: item.id)
+
+
+# Models and prices
+
+
+@admin.post("/models", tags=MODELS, responses={201: schemas.ModelOut, 409: schemas.ErrorOut})
+def create_price_version(body: schemas.PriceVersionCreate) -> tuple[dict[str, Any], int]:
+    """Add a price version of a model (creating the model on first use)."""
+    at = now()
+    db = session()
+    catalog.add_price_version(
+        db,
+        model_id=body.id,
+        prices=catalog.PriceInput(
+            input_price_per_m=body.input_price_per_m,
+            output_price_per_m=body.output_price_per_m,
+            cached_input_price_per_m=body.cached_input_price_per_m,
+            reasoning_price_per_m=body.reasoning_price_per_m,
+            max_output_tokens=body.max_output_tokens,
+        ),
+        effective_from=body.effective_from,
+        now=at,
+    )
+    return render.model(catalog.get_listing(db, body.id, now=at)).model_dump(mode="json"), 201
+
+
+@admin.get("/models", tags=MODELS, responses={200: schemas.ModelList})
+def list_models() -> dict[str, Any]:
+    """Every model, priced or not, with the price in effect now."""
+    listings = catalog.list_models(session(), now=now(), priced_only=False)
+    return {
+        "object": "list",
+        "data": [render.model(item).model_dump(mode="json") for item in listings],
+    }
+
+
+@admin.post(
+    "/models/<model_id>/aliases",
+    tags=MODELS,
+    responses={201: schemas.AliasOut, 409: schemas.ErrorOut},
+)
+def create_alias(path: schemas.ModelPath, body: schemas.AliasCreate) -> tuple[dict[str, Any], int]:
+    """Make `alias` another name of the model."""
+    row = catalog.add_alias(session(), model_id=path.model_id, alias=body.alias, now=now())
+    return schemas.AliasOut(alias=row.alias, model_id=row.model_id).model_dump(mode="json"), 201
+
+
+# Audit
+
+
+@admin.get("/audit-log", tags=AUDIT, responses={200: schemas.Page[schemas.AuditEntryOut]})
+def list_audit_log(query: schemas.PageQuery) -> dict[str, Any]:
+    """Every admin write, newest first."""
+    rows = audit.entries(
+        session(), before=schemas.decode_int_cursor(query.cursor), limit=query.limit
+    )
+    return _page([render.audit_entry(row) for row in rows], query.limit, lambda item: item.id)

@@ -1,0 +1,91 @@
+"""The one place failures become HTTP responses, all in the OpenAI error shape.
+
+``{"error": {"message": "...", "type": "...", "param": ..., "code": "..."}}`` so that the
+gateway can relay our answers verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+from flask import Flask, Response, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from billing.errors import BillingError
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+) -> Response:
+    """An OpenAI-shaped error response."""
+    response = jsonify({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    response.status_code = status
+    return response
+
+
+def validation_error_response(exc: ValidationError) -> Response:
+    """A 400 naming the first field pydantic refused (flask-openapi3's validation callback)."""
+    if request.data and request.get_json(silent=True) is None and request.method != "GET":
+        return error_response(400, "The request body is not valid JSON.", code="invalid_json")
+    error = exc.errors(include_url=False)[0]
+    location = [str(part) for part in error["loc"]]
+    param = ".".join(location) or None
+    if error["type"] == "missing":
+        message = f"{param} is required."
+    elif not location:
+        message = "The request body must be a JSON object."
+    else:
+        detail = str(error["msg"]).removeprefix("Value error, ")
+        message = f"{param}: {detail}"
+    return error_response(400, message, code="invalid_request", param=param)
+
+
+def _billing_error(exc: BillingError) -> Response:
+    return error_response(exc.status, exc.message, code=exc.code, type_=exc.type, param=exc.param)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    if exc.response is not None and exc.response.is_json:
+        return cast(Response, exc.response)  # already rendered (a validation error)
+    return error_response(
+        status,
+        exc.description or exc.name,
+        code=HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")),
+    )
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(
+        500,
+        "The server had an error while processing your request.",
+        code="internal_error",
+        type_="server_error",
+    )
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every failure through the renderers above."""
+    app.register_error_handler(BillingError, _billing_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+    app.validation_error_callback = validation_error_response  # type: ignore[attr-defined]

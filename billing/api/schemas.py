@@ -1,0 +1,277 @@
+"""Request and response bodies of the HTTP API. The OpenAPI document is generated from these.
+
+Money crosses the API as decimal strings in USD with fields ending in ``_usd``; a JSON number in a
+money field is refused with a 400 that says to send a string.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+
+from billing.errors import InvalidRequest
+from billing.money import MoneyFormatError, parse_usd
+
+
+def _refuse_numbers(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError('money is sent as a decimal string such as "10.00", not a JSON number')
+    return value
+
+
+def _exact_decimal(value: str) -> str:
+    try:
+        parse_usd(value)
+    except MoneyFormatError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+UsdAmount = Annotated[
+    str,
+    BeforeValidator(_refuse_numbers),
+    AfterValidator(_exact_decimal),
+    Field(description="USD as a decimal string, at most 9 decimal places.", examples=["10.00"]),
+]
+PriceAmount = Annotated[
+    str,
+    BeforeValidator(_refuse_numbers),
+    AfterValidator(_exact_decimal),
+    Field(description="USD per million tokens, as a decimal string.", examples=["0.39"]),
+]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are refused rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass ``next_cursor`` as ``cursor`` for the next (null at the end)."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    next_cursor: str | None
+
+
+class PageQuery(BaseModel):
+    """Pagination parameters of every list."""
+
+    limit: int = Field(20, ge=1, le=100, description="Items per page (1-100).")
+    cursor: str | None = Field(None, description="The `next_cursor` of the previous page.")
+
+
+def encode_cursor(position: str | int) -> str:
+    """An opaque cursor for a list position."""
+    return base64.urlsafe_b64encode(str(position).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> str | None:
+    """The list position in ``cursor``; raises InvalidRequest if it is not one of ours."""
+    if cursor is None:
+        return None
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest("cursor is not a cursor this API returned.", param="cursor") from None
+
+
+def decode_int_cursor(cursor: str | None) -> int | None:
+    """A numeric list position from ``cursor``; raises InvalidRequest."""
+    position = decode_cursor(cursor)
+    if position is None:
+        return None
+    if not position.isdigit():
+        raise InvalidRequest("cursor is not a cursor this API returned.", param="cursor")
+    return int(position)
+
+
+# Accounts
+
+
+class AccountCreate(Body):
+    name: Name
+    email: str | None = Field(None, max_length=320)
+
+
+class AccountOut(BaseModel):
+    object: Literal["account"] = "account"
+    id: str
+    name: str
+    email: str | None
+    balance_usd: str
+    held_usd: str
+    available_usd: str
+    created_at: dt.datetime
+
+
+class AccountPath(BaseModel):
+    account_id: str
+
+
+# Keys
+
+
+class KeyFields(Body):
+    rate_limit: str | None = Field(
+        None,
+        description="`limits` syntax, e.g. `1 per 10 seconds` or `60/minute`; null for none. "
+        "Omitted on creation: the configured default.",
+        examples=["1 per 10 seconds"],
+    )
+    monthly_cap_usd: UsdAmount | None = None
+    allowed_models: list[str] | None = Field(None, description="Model ids or aliases; null: all.")
+    expires_at: dt.datetime | None = None
+
+
+class KeyCreate(KeyFields):
+    name: Name
+
+
+class KeyUpdate(KeyFields):
+    name: Name | None = None
+    disabled: bool | None = Field(None, description="Disable (401) or re-enable the key.")
+
+
+class KeyOut(BaseModel):
+    object: Literal["api_key"] = "api_key"
+    id: str
+    account_id: str
+    name: str
+    masked_key: str
+    state: str
+    http_status: int
+    rate_limit: str | None
+    monthly_cap_usd: str | None
+    allowed_models: list[str] | None
+    expires_at: dt.datetime | None
+    created_at: dt.datetime
+
+
+class KeyWithSecret(KeyOut):
+    key: str = Field(description="The secret key. Shown only in this response; store it now.")
+
+
+class KeyPath(BaseModel):
+    key_id: str
+
+
+# Ledger
+
+
+class AdjustmentCreate(Body):
+    amount_usd: UsdAmount = Field(description="Positive credits the account, negative debits it.")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class IdempotencyHeader(BaseModel):
+    idempotency_key: str = Field(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Retry safely: the same key and body give the same answer.",
+    )
+
+
+class LedgerEntryOut(BaseModel):
+    object: Literal["ledger_entry"] = "ledger_entry"
+    id: int
+    account_id: str
+    kind: str
+    amount_usd: str
+    reason: str
+    reference: str | None
+    actor: str
+    created_at: dt.datetime
+
+
+# Models and prices
+
+
+class PriceVersionCreate(Body):
+    id: str = Field(min_length=1, max_length=128, examples=["doubao-seed-2-0-lite"])
+    input_price_per_m: PriceAmount
+    output_price_per_m: PriceAmount
+    cached_input_price_per_m: PriceAmount | None = Field(None, description="Default: input price.")
+    reasoning_price_per_m: PriceAmount | None = Field(None, description="Default: output price.")
+    max_output_tokens: StrictInt | None = Field(None, gt=0)
+    effective_from: dt.datetime | None = Field(None, description="Default: now.")
+
+
+class PricingOut(BaseModel):
+    version_id: int
+    effective_from: dt.datetime
+    input_price_per_m: str
+    output_price_per_m: str
+    cached_input_price_per_m: str
+    reasoning_price_per_m: str
+    max_output_tokens: int | None
+
+
+class ModelOut(BaseModel):
+    object: Literal["model"] = "model"
+    id: str
+    created: int = Field(description="Unix time the model was added.")
+    owned_by: str
+    aliases: list[str]
+    pricing: PricingOut | None = Field(description="The price in effect now; null if unpriced.")
+
+
+class ModelPath(BaseModel):
+    model_id: str
+
+
+class AliasCreate(Body):
+    alias: str = Field(min_length=1, max_length=128, examples=["doubao-seed-2.0-lite"])
+
+
+class AliasOut(BaseModel):
+    object: Literal["model_alias"] = "model_alias"
+    alias: str
+    model_id: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+# Audit
+
+
+class AuditEntryOut(BaseModel):
+    object: Literal["audit_entry"] = "audit_entry"
+    id: int
+    actor: str
+    action: str
+    target_id: str | None
+    status: int
+    request: dict[str, Any] | None
+    created_at: dt.datetime
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorOut(BaseModel):
+    """The OpenAI error shape every failure is answered with."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]

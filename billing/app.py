@@ -1,0 +1,107 @@
+"""The application factory: the one place the API and the workers are assembled."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task
+from flask import Flask, Response, current_app, g
+from flask_openapi3 import Info, OpenAPI
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.db import make_engine, make_sessionmaker
+from billing.settings import Settings
+
+
+@dataclass
+class Runtime:
+    """What every request and task shares: settings and the database."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+
+def current_runtime() -> Runtime:
+    """The Runtime of the app in context (a request, a CLI command or a Celery task)."""
+    runtime: Runtime = current_app.extensions["billing"]
+    return runtime
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app (and its Celery app) from ``settings`` (default: the environment)."""
+    settings = settings or Settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    from billing.api import SECURITY_SCHEMES, register
+
+    app = OpenAPI(
+        __name__,
+        info=Info(
+            title="LLM API billing",
+            version="0.1.0",
+            description="Prepaid usage metering and billing for an OpenAI-compatible LLM API.",
+        ),
+        security_schemes=SECURITY_SCHEMES,
+        doc_prefix="/docs",
+        validation_error_status=400,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in schema order
+    engine = make_engine(settings.sqlalchemy_url)
+    app.extensions["billing"] = Runtime(settings, engine, make_sessionmaker(engine))
+    app.after_request(_commit_on_success)
+    app.teardown_request(_close_session)
+    register(app)
+    celery_init_app(app)
+    return app
+
+
+def _commit_on_success(response: Response) -> Response:
+    # The request owns the transaction: domain code only flushes.
+    session: Session | None = g.pop("db_session", None)
+    if session is not None:
+        try:
+            if response.status_code < 400:
+                session.commit()
+        finally:
+            session.close()
+    return response
+
+
+def _close_session(_exc: BaseException | None) -> None:
+    session: Session | None = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+def celery_init_app(app: Flask) -> Celery[Any]:
+    """Attach a Celery app whose tasks run inside a Flask app context (the Flask pattern)."""
+
+    class FlaskTask(Task[Any, Any]):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    settings: Settings = app.extensions["billing"].settings
+    celery: Celery[Any] = Celery(app.name, task_cls=FlaskTask)
+    celery.conf.update(
+        broker_url=settings.redis_url or "memory://",
+        result_backend=settings.redis_url,
+        # Embedded default: no broker, so tasks run in-process when sent.
+        task_always_eager=settings.embedded,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        include=["workers.tasks"],
+        beat_schedule={
+            "reconcile-ledger": {"task": "workers.tasks.reconcile_ledger", "schedule": 3600.0},
+        },
+    )
+    celery.set_default()
+    app.extensions["celery"] = celery
+    return celery

@@ -1,0 +1,97 @@
+"""Service tokens: the bearer credentials of operators (admin) and gateways.
+
+Tokens are shown once and stored only as keyed hashes (DESIGN invariant 7). A bootstrap token
+per role may also come from the environment (``BILLING_ADMIN_TOKEN``, ``BILLING_GATEWAY_TOKEN``);
+it is compared in constant time and never stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hmac
+
+from sqlalchemy import CheckConstraint, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from billing.db import Base
+from billing.errors import BillingError, InvalidRequest
+from billing.tokens import keyed_hash, mask, new_id, new_secret
+
+
+class Role(enum.StrEnum):
+    """What a service token may do."""
+
+    ADMIN = "admin"
+    GATEWAY = "gateway"
+
+
+TOKEN_PREFIX = {Role.ADMIN: "adm_", Role.GATEWAY: "gw_"}
+
+
+class ServiceToken(Base):
+    """A hashed bearer token for the admin API or the gateway API."""
+
+    __tablename__ = "service_tokens"
+    __table_args__ = (CheckConstraint("role IN ('admin', 'gateway')", name="role_known"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    last4: Mapped[str] = mapped_column(String(4))
+    created_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
+
+
+class Unauthenticated(BillingError):
+    """No credential, or one that matches nothing valid for this API."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "invalid_request_error"
+
+
+def create_token(
+    session: Session, *, role: Role, name: str, hmac_key: bytes, now: dt.datetime
+) -> tuple[ServiceToken, str]:
+    """Create a token; returns it with its secret, which is never seen again."""
+    if not name.strip():
+        raise InvalidRequest("name must not be empty.", param="name")
+    secret = new_secret(TOKEN_PREFIX[role])
+    prefix, last4 = mask(secret)
+    token = ServiceToken(
+        id=new_id("tok"),
+        role=role,
+        name=name.strip(),
+        token_hash=keyed_hash(hmac_key, secret),
+        display_prefix=prefix,
+        last4=last4,
+        created_at=now,
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def authenticate(
+    session: Session, presented: str | None, *, role: Role, bootstrap: str | None, hmac_key: bytes
+) -> str:
+    """The actor behind ``presented`` (a token id, or ``bootstrap``); raises Unauthenticated."""
+    if not presented:
+        raise Unauthenticated(
+            "Missing bearer token: send 'Authorization: Bearer <token>'.", param="Authorization"
+        )
+    if bootstrap and hmac.compare_digest(presented.encode(), bootstrap.encode()):
+        return f"{role}:bootstrap"
+    token_id = session.scalar(
+        select(ServiceToken.id).where(
+            ServiceToken.token_hash == keyed_hash(hmac_key, presented),
+            ServiceToken.role == role,
+            ServiceToken.revoked_at.is_(None),
+        )
+    )
+    if token_id is None:
+        raise Unauthenticated(f"Invalid {role} token.", param="Authorization")
+    return token_id

@@ -1,0 +1,156 @@
+"""The ``billing`` command line for operators. Each command parses, calls the domain, prints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing import catalog, ledger
+from billing.app import Runtime, create_app
+from billing.auth import Role, ServiceToken, create_token
+from billing.db import transaction, utcnow
+from billing.errors import BillingError
+from billing.migrate import upgrade
+
+T = TypeVar("T")
+
+
+def _runtime() -> Runtime:
+    runtime: Runtime = create_app().extensions["billing"]
+    return runtime
+
+
+@click.group()
+def main() -> None:
+    """Operate the billing service (settings come from the environment, see README)."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration."""
+    runtime = _runtime()
+    runtime.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(runtime.settings.sqlalchemy_url)
+    click.echo("database is at the latest schema")
+
+
+@main.group()
+def prices() -> None:
+    """The price table."""
+
+
+@prices.command("import")
+@click.argument(
+    "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False
+)
+@click.option("--if-empty", is_flag=True, help="Only import into a database with no models yet.")
+def prices_import(file: Path | None, if_empty: bool) -> None:
+    """Import a price file (default: the shipped table of the seed models)."""
+    with transaction(_runtime().sessions) as session:
+        if if_empty and catalog.has_models(session):
+            click.echo("price table already loaded; nothing imported")
+            return
+        added = _or_exit(
+            lambda: catalog.import_prices(
+                session, file or catalog.default_price_file(), now=utcnow()
+            )
+        )
+        for version in added:
+            click.echo(f"added price version {version.id} of {version.model_id}")
+        click.echo(f"{len(added)} price version(s) added")
+
+
+@main.command()
+def reconcile() -> None:
+    """Check that every balance equals the sum of its ledger entries; exit 1 on any drift."""
+    with transaction(_runtime().sessions) as session:
+        drift = ledger.reconcile(session)
+    for item in drift:
+        click.echo(f"DRIFT {item}", err=True)
+    if drift:
+        sys.exit(1)
+    click.echo("ok: every balance equals the sum of its ledger entries")
+
+
+@main.group("admin-token")
+def admin_token() -> None:
+    """Admin API tokens."""
+
+
+@admin_token.command("create")
+@click.option("--name", required=True, help="Who or what the token is for.")
+def admin_token_create(name: str) -> None:
+    """Create an admin token and print it (it is shown only this once)."""
+    runtime = _runtime()
+    with transaction(runtime.sessions) as session:
+        token, secret = _or_exit(
+            lambda: create_token(
+                session,
+                role=Role.ADMIN,
+                name=name,
+                hmac_key=runtime.settings.hmac_key,
+                now=utcnow(),
+            )
+        )
+        click.echo(
+            f"created admin token {token.id} ({name}); store it now, it is not shown again:",
+            err=True,
+        )
+    click.echo(secret)
+
+
+@main.command()
+@click.option("--workers", default=1, show_default=True, help="gunicorn worker processes.")
+@click.option("--threads", default=8, show_default=True, help="Threads per worker.")
+def serve(workers: int, threads: int) -> None:
+    """Migrate, load the default price table into an empty database, and serve the API.
+
+    Without BILLING_ADMIN_TOKEN and with no admin token yet, a first admin token is created and
+    written to DATA_DIR/admin_token (readable only by you) for scripts and the README walk-through.
+    """
+    runtime = _runtime()
+    settings = runtime.settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url)
+    with transaction(runtime.sessions) as session:
+        if not catalog.has_models(session):
+            catalog.import_prices(session, catalog.default_price_file(), now=utcnow())
+            click.echo("loaded the default price table")
+        if settings.billing_admin_token is None:
+            _first_admin_token(session, runtime, settings.data_dir / "admin_token")
+    bind = f"127.0.0.1:{settings.port}"
+    click.echo(f"serving on http://{bind} (API docs at http://{bind}/docs/swagger)")
+    gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
+    args = [gunicorn, "--bind", bind, "--workers", str(workers), "--threads", str(threads)]
+    os.execv(gunicorn, [*args, "--access-logfile", "-", "billing.wsgi:app"])  # noqa: S606
+
+
+def _first_admin_token(session: Session, runtime: Runtime, path: Path) -> None:
+    if session.scalar(select(ServiceToken.id).where(ServiceToken.role == Role.ADMIN).limit(1)):
+        return
+    _, secret = create_token(
+        session, role=Role.ADMIN, name="initial", hmac_key=runtime.settings.hmac_key, now=utcnow()
+    )
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    click.echo(f"created the first admin token; it is in {path}")
+
+
+def _or_exit(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except BillingError as exc:
+        raise click.ClickException(exc.message) from None

@@ -1,0 +1,347 @@
+"""API keys and the states the gateway enforces (DESIGN section 5).
+
+Invariants:
+- A key's secret is shown once, at creation or rotation; only its keyed hash is stored, and a
+  lookup is one query on the unique hash index.
+- A key's ``state`` is derived from facts (revoked, disabled, expiry, suspension, the account's
+  available balance) by :func:`derive_state`, first matching row of the state table winning;
+  every change of it is recorded in ``key_state_changes`` with its reason, in the same
+  transaction as the fact that caused it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+
+from limits import parse as parse_rate_limit
+from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from billing import catalog
+from billing.accounts import Account, get_account
+from billing.db import Base, BigIntId
+from billing.errors import InvalidRequest, NotFound
+from billing.tokens import keyed_hash, mask, new_id, new_secret
+
+KEY_PREFIX = "sk-"
+
+
+class KeyState(enum.StrEnum):
+    """What the gateway must do with a key, in precedence order (first applicable wins)."""
+
+    REVOKED = "revoked"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+    SUSPENDED = "suspended"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    MONTHLY_QUOTA_EXCEEDED = "monthly_quota_exceeded"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """How a state is answered: the HTTP status and the OpenAI-shaped error."""
+
+    http_status: int
+    code: str | None
+    type: str | None
+    message: str | None
+
+
+_INVALID = Enforcement(
+    401, "invalid_api_key", "invalid_request_error", "Incorrect API key provided."
+)
+ENFORCEMENT: dict[KeyState, Enforcement] = {
+    KeyState.REVOKED: _INVALID,
+    KeyState.DISABLED: _INVALID,
+    KeyState.EXPIRED: _INVALID,
+    KeyState.SUSPENDED: Enforcement(
+        451,
+        "content_policy_violation",
+        "invalid_request_error",
+        "This key is suspended after repeated content policy violations.",
+    ),
+    KeyState.INSUFFICIENT_BALANCE: Enforcement(
+        402,
+        "insufficient_balance",
+        "insufficient_quota",
+        "Your balance is insufficient. Please top up your account.",
+    ),
+    KeyState.MONTHLY_QUOTA_EXCEEDED: Enforcement(
+        429,
+        "monthly_quota_exceeded",
+        "insufficient_quota",
+        "This key has used its monthly spend cap.",
+    ),
+    KeyState.ACTIVE: Enforcement(200, None, None, None),
+}
+
+
+class ApiKey(Base):
+    """An API key of an account; the secret itself is never stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('revoked', 'disabled', 'expired', 'suspended', 'insufficient_balance',"
+            " 'monthly_quota_exceeded', 'active')",
+            name="state_known",
+        ),
+        CheckConstraint(
+            "monthly_cap_nanos IS NULL OR monthly_cap_nanos >= 0", name="cap_not_negative"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    last4: Mapped[str] = mapped_column(String(4))
+    state: Mapped[str] = mapped_column(String(32))
+    rate_limit: Mapped[str | None] = mapped_column(String(100))
+    monthly_cap_nanos: Mapped[int | None] = mapped_column(BigInteger)
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
+    expires_at: Mapped[dt.datetime | None]
+    disabled_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+    suspended_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime]
+
+    @property
+    def masked(self) -> str:
+        """The key as it may be displayed: ``sk-AbCd...wxyz``."""
+        return f"{self.display_prefix}...{self.last4}"
+
+    def state_at(self, now: dt.datetime) -> KeyState:
+        """The state in force at ``now``: the stored state, unless the key has expired since."""
+        state = KeyState(self.state)
+        if state not in (KeyState.REVOKED, KeyState.DISABLED) and self._expired(now):
+            return KeyState.EXPIRED
+        return state
+
+    def _expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+class KeyStateChange(Base):
+    """One change of a key's state, with why. The feed the gateway follows."""
+
+    __tablename__ = "key_state_changes"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    old_state: Mapped[str | None] = mapped_column(String(32))
+    new_state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime]
+
+
+class KeyNotFound(NotFound):
+    """No key has that id."""
+
+
+class InvalidApiKey(InvalidRequest):
+    """The presented secret matches no key."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    """What an operator may set on a key. ``None`` for an optional limit means none."""
+
+    name: str
+    rate_limit: str | None
+    monthly_cap_nanos: int | None
+    allowed_models: list[str] | None
+    expires_at: dt.datetime | None
+
+
+def derive_state(key: ApiKey, account: Account, now: dt.datetime) -> KeyState:
+    """The state the facts call for; the first applicable row of the state table wins."""
+    if key.revoked_at is not None:
+        return KeyState.REVOKED
+    if key.disabled_at is not None:
+        return KeyState.DISABLED
+    if key._expired(now):
+        return KeyState.EXPIRED
+    if key.suspended_at is not None:
+        return KeyState.SUSPENDED
+    if account.available_nanos <= 0:
+        return KeyState.INSUFFICIENT_BALANCE
+    return KeyState.ACTIVE
+
+
+def refresh_state(
+    session: Session, key: ApiKey, account: Account, *, reason: str, now: dt.datetime
+) -> bool:
+    """Re-derive ``key``'s state and record a change with ``reason``; True if it changed."""
+    new = derive_state(key, account, now)
+    if key.state == new:
+        return False
+    session.add(
+        KeyStateChange(
+            key_id=key.id, old_state=key.state, new_state=new, reason=reason, created_at=now
+        )
+    )
+    key.state = new
+    return True
+
+
+def refresh_account_keys(
+    session: Session, account: Account, *, reason: str, now: dt.datetime
+) -> list[ApiKey]:
+    """Re-derive the state of every key of ``account``; returns the keys that changed."""
+    keys = session.scalars(
+        select(ApiKey).where(ApiKey.account_id == account.id).order_by(ApiKey.id)
+    )
+    return [key for key in keys if refresh_state(session, key, account, reason=reason, now=now)]
+
+
+def validate_rate_limit(text: str) -> str:
+    """``text`` if the `limits` library can parse it (``1 per 10 seconds``, ``60/minute``)."""
+    try:
+        parse_rate_limit(text)
+    except ValueError:
+        raise InvalidRequest(
+            f"rate_limit {text!r} is not a rate limit such as '1 per 10 seconds' or '60/minute'.",
+            param="rate_limit",
+        ) from None
+    return text
+
+
+def _checked(session: Session, settings: KeySettings, now: dt.datetime) -> KeySettings:
+    if not settings.name.strip():
+        raise InvalidRequest("name must not be empty.", param="name")
+    if settings.rate_limit is not None:
+        validate_rate_limit(settings.rate_limit)
+    if settings.monthly_cap_nanos is not None and settings.monthly_cap_nanos < 0:
+        raise InvalidRequest("monthly_cap_usd must not be negative.", param="monthly_cap_usd")
+    allowed = None
+    if settings.allowed_models is not None:
+        try:
+            allowed = sorted(
+                {catalog.resolve_model(session, name) for name in settings.allowed_models}
+            )
+        except catalog.ModelNotFound as exc:
+            raise catalog.ModelNotFound(exc.message, param="allowed_models") from None
+    if settings.expires_at is not None and settings.expires_at <= now:
+        raise InvalidRequest("expires_at must be in the future.", param="expires_at")
+    return KeySettings(
+        settings.name.strip(),
+        settings.rate_limit,
+        settings.monthly_cap_nanos,
+        allowed,
+        settings.expires_at,
+    )
+
+
+def issue_key(
+    session: Session, *, account_id: str, settings: KeySettings, hmac_key: bytes, now: dt.datetime
+) -> tuple[ApiKey, str]:
+    """Create a key for the account; returns it with its secret, which is never seen again."""
+    account = get_account(session, account_id)
+    settings = _checked(session, settings, now)
+    secret = new_secret(KEY_PREFIX)
+    prefix, last4 = mask(secret)
+    key = ApiKey(
+        id=new_id("key"),
+        account_id=account.id,
+        name=settings.name,
+        key_hash=keyed_hash(hmac_key, secret),
+        display_prefix=prefix,
+        last4=last4,
+        state=None,
+        rate_limit=settings.rate_limit,
+        monthly_cap_nanos=settings.monthly_cap_nanos,
+        allowed_models=settings.allowed_models,
+        expires_at=settings.expires_at,
+        created_at=now,
+    )
+    refresh_state(session, key, account, reason="created", now=now)
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def get_key(session: Session, key_id: str) -> ApiKey:
+    """The key with that id; raises KeyNotFound."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise KeyNotFound(f"No key with id {key_id!r}.", param="key_id")
+    return key
+
+
+def find_key(session: Session, secret: str, *, hmac_key: bytes) -> ApiKey:
+    """The key whose secret is ``secret``, by one indexed query; raises InvalidApiKey."""
+    key = None
+    if secret.startswith(KEY_PREFIX):
+        key = session.scalars(
+            select(ApiKey).where(ApiKey.key_hash == keyed_hash(hmac_key, secret))
+        ).first()
+    if key is None:
+        raise InvalidApiKey("Incorrect API key provided.", param="api_key")
+    return key
+
+
+def list_keys(session: Session, account_id: str) -> list[ApiKey]:
+    """The keys of an account, oldest first; raises AccountNotFound."""
+    get_account(session, account_id)
+    return list(
+        session.scalars(select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.id))
+    )
+
+
+def update_key(
+    session: Session, key_id: str, *, settings: KeySettings, disabled: bool | None, now: dt.datetime
+) -> ApiKey:
+    """Replace a key's settings and optionally disable or re-enable it; revoked keys are final."""
+    key = get_key(session, key_id)
+    if key.revoked_at is not None:
+        raise InvalidRequest("This key is revoked; revoked keys cannot be changed.", param="key_id")
+    settings = _checked(session, settings, now)
+    key.name = settings.name
+    key.rate_limit = settings.rate_limit
+    key.monthly_cap_nanos = settings.monthly_cap_nanos
+    key.allowed_models = settings.allowed_models
+    key.expires_at = settings.expires_at
+    if disabled is not None:
+        key.disabled_at = (key.disabled_at or now) if disabled else None
+    refresh_state(
+        session, key, get_account(session, key.account_id), reason="updated by an operator", now=now
+    )
+    return key
+
+
+def revoke_key(session: Session, key_id: str, *, now: dt.datetime) -> ApiKey:
+    """Revoke a key for good; revoking twice is harmless."""
+    key = get_key(session, key_id)
+    if key.revoked_at is None:
+        key.revoked_at = now
+        refresh_state(
+            session,
+            key,
+            get_account(session, key.account_id),
+            reason="revoked by an operator",
+            now=now,
+        )
+    return key
+
+
+def rotate_key(
+    session: Session, key_id: str, *, hmac_key: bytes, now: dt.datetime
+) -> tuple[ApiKey, str]:
+    """Give a key a new secret (the old one stops working at once); returns the new secret."""
+    key = get_key(session, key_id)
+    if key.revoked_at is not None:
+        raise InvalidRequest("This key is revoked; revoked keys cannot be rotated.", param="key_id")
+    secret = new_secret(KEY_PREFIX)
+    key.key_hash = keyed_hash(hmac_key, secret)
+    key.display_prefix, key.last4 = mask(secret)
+    session.flush()
+    return key, secret

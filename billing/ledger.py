@@ -1,0 +1,206 @@
+"""The ledger: the only writer of ledger entries and account balances.
+
+Invariants (DESIGN section 7), each held here and by the database:
+- Every account's balance equals the sum of its entries: an entry and the balance change it
+  explains are written in the same transaction, the balance by an atomic in-place increment.
+  ``reconcile`` proves it on live data.
+- Entries are append-only: the database refuses UPDATE and DELETE on ``ledger_entries``
+  (a trigger); a mistake is corrected by a new entry.
+- An entry's sign matches its kind (a CHECK constraint): top-ups and won disputes credit; usage,
+  refunds and disputes debit; adjustments go either way; no entry is zero.
+- An idempotency key is used once (a unique index); it is stored with a hash of the request it
+  came with, and the same key with a different request is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from billing.accounts import Account, get_account
+from billing.db import Base, BigIntId
+from billing.errors import Conflict, InvalidRequest
+from billing.keys import refresh_account_keys
+from billing.money import Nanos, format_usd
+
+
+class EntryKind(enum.StrEnum):
+    """Why money moved."""
+
+    TOP_UP = "top_up"
+    USAGE = "usage"
+    ADJUSTMENT = "adjustment"
+    REFUND = "refund"
+    DISPUTE = "dispute"
+    DISPUTE_WON = "dispute_won"
+
+
+class LedgerEntry(Base):
+    """One immutable movement of money on an account, in nano-dollars (negative debits)."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint(
+            "(kind IN ('top_up', 'dispute_won') AND amount_nanos > 0)"
+            " OR (kind IN ('usage', 'refund', 'dispute') AND amount_nanos < 0)"
+            " OR (kind = 'adjustment' AND amount_nanos <> 0)",
+            name="sign_matches_kind",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    amount_nanos: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(500))
+    reference: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(300), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime]
+
+
+class IdempotencyKeyReused(Conflict):
+    """The idempotency key was already used for a different request."""
+
+    code = "idempotency_key_reused"
+
+
+@dataclass(frozen=True)
+class Posting:
+    """A movement to record: who, how much, why."""
+
+    account_id: str
+    kind: EntryKind
+    amount_nanos: Nanos
+    reason: str
+    actor: str
+    reference: str | None = None
+    idempotency_key: str | None = None
+
+
+def _request_hash(posting: Posting) -> str:
+    fields = [
+        posting.account_id,
+        posting.kind,
+        posting.amount_nanos,
+        posting.reason,
+        posting.reference,
+    ]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[LedgerEntry, bool]:
+    """Record ``posting`` and move the balance; returns the entry and whether it is new.
+
+    With an idempotency key, a repeat of the same posting returns the first entry unchanged
+    and moves nothing; the same key with a different posting raises IdempotencyKeyReused.
+    Key states of the account are re-derived from the new balance.
+    """
+    if posting.amount_nanos == 0:
+        raise InvalidRequest("amount_usd must not be zero.", param="amount_usd")
+    if not posting.reason.strip():
+        raise InvalidRequest("reason must not be empty.", param="reason")
+    request_hash = _request_hash(posting) if posting.idempotency_key else None
+    if posting.idempotency_key is not None:
+        earlier = _replay(session, posting.idempotency_key, request_hash)
+        if earlier is not None:
+            return earlier, False
+    account = get_account(session, posting.account_id)
+    entry = LedgerEntry(
+        account_id=account.id,
+        kind=posting.kind,
+        amount_nanos=posting.amount_nanos,
+        reason=posting.reason.strip(),
+        reference=posting.reference,
+        idempotency_key=posting.idempotency_key,
+        request_hash=request_hash,
+        actor=posting.actor,
+        created_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(entry)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key committed first; answer as it did.
+        assert posting.idempotency_key is not None
+        earlier = _replay(session, posting.idempotency_key, request_hash)
+        if earlier is None:
+            raise
+        return earlier, False
+    session.execute(
+        update(Account)
+        .where(Account.id == account.id)
+        .values(balance_nanos=Account.balance_nanos + posting.amount_nanos)
+    )
+    session.refresh(account, ["balance_nanos"])
+    direction = "credit" if posting.amount_nanos > 0 else "debit"
+    refresh_account_keys(session, account, reason=f"{posting.kind} {direction}", now=now)
+    return entry, True
+
+
+def _replay(session: Session, idempotency_key: str, request_hash: str | None) -> LedgerEntry | None:
+    earlier = session.scalars(
+        select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key)
+    ).first()
+    if earlier is not None and earlier.request_hash != request_hash:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was already used with a different request.",
+            param="Idempotency-Key",
+        )
+    return earlier
+
+
+def entries(
+    session: Session, account_id: str, *, before: int | None, limit: int
+) -> list[LedgerEntry]:
+    """An account's entries, newest first, starting before the entry id ``before``."""
+    get_account(session, account_id)
+    query = (
+        select(LedgerEntry)
+        .where(LedgerEntry.account_id == account_id)
+        .order_by(LedgerEntry.id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(LedgerEntry.id < before)
+    return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class Drift:
+    """An account whose stored balance differs from the sum of its entries."""
+
+    account_id: str
+    balance_nanos: Nanos
+    entries_nanos: Nanos
+
+    def __str__(self) -> str:
+        return (
+            f"{self.account_id}: balance {format_usd(self.balance_nanos)} USD,"
+            f" entries sum to {format_usd(self.entries_nanos)} USD"
+        )
+
+
+def reconcile(session: Session) -> list[Drift]:
+    """Every account whose balance is not the sum of its ledger entries (empty: all is well)."""
+    sums = (
+        select(LedgerEntry.account_id, func.sum(LedgerEntry.amount_nanos).label("total"))
+        .group_by(LedgerEntry.account_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Account.id, Account.balance_nanos, func.coalesce(sums.c.total, 0))
+        .outerjoin(sums, sums.c.account_id == Account.id)
+        .where(Account.balance_nanos != func.coalesce(sums.c.total, 0))
+        .order_by(Account.id)
+    )
+    return [Drift(account_id, balance, int(total)) for account_id, balance, total in rows]

@@ -1,0 +1,7 @@
+"""Every table, imported in one place for migrations and schema checks."""
+
+from billing import accounts, audit, auth, catalog, keys, ledger
+from billing.db import Base
+
+metadata = Base.metadata
+__all__ = ["accounts", "audit", "auth", "catalog", "keys", "ledger", "metadata"]

@@ -1,0 +1,51 @@
+"""Secrets we hand out (API keys, admin and gateway tokens) and the keyed hashes we store.
+
+A secret is shown once, at creation. Only ``HMAC-SHA256(server secret, secret)`` is stored, so
+a leaked database does not leak usable keys, and a lookup is one indexed equality query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+import time
+
+BASE62 = string.digits + string.ascii_letters
+SECRET_LENGTH = 48
+
+
+def random_base62(length: int) -> str:
+    """``length`` characters drawn uniformly from [0-9A-Za-z] by the OS CSPRNG."""
+    return "".join(secrets.choice(BASE62) for _ in range(length))
+
+
+def new_secret(prefix: str) -> str:
+    """A fresh secret such as ``sk-`` followed by 48 base62 characters."""
+    return prefix + random_base62(SECRET_LENGTH)
+
+
+def new_id(prefix: str) -> str:
+    """A public id such as ``acct_`` + 22 base62 characters, sorting in creation order.
+
+    The first eight characters encode the creation millisecond, so ordering by id is ordering
+    by creation time: lists paginate on the primary key alone.
+    """
+    millis = time.time_ns() // 1_000_000
+    stamp = ""
+    for _ in range(8):
+        millis, digit = divmod(millis, 62)
+        stamp = BASE62[digit] + stamp
+    return f"{prefix}_{stamp}{random_base62(14)}"
+
+
+def keyed_hash(key: bytes, secret: str) -> str:
+    """The hex HMAC-SHA256 of ``secret`` under the server ``key``: what we store."""
+    return hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def mask(secret: str) -> tuple[str, str]:
+    """The display prefix and last four characters kept beside a hash (``sk-AbCd``, ``wxyz``)."""
+    head = secret.find("-") + 1 or secret.find("_") + 1
+    return secret[: head + 4], secret[-4:]
