@@ -1,0 +1,207 @@
+"""Fixtures: a dedicated PostgreSQL test database migrated with Alembic, one rolled-back
+transaction per test, and the real Redis of this machine.
+
+``TEST_DATABASE_URL`` (default: ``billing_test`` on 127.0.0.1:5432) and ``TEST_REDIS_URL``
+(default: database 9 of 127.0.0.1:6379) can point the suite elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from celery import Celery
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import catalog
+from billing.app import Runtime, create_app
+from billing.db import transaction, utcnow
+from billing.migrate import upgrade
+from billing.settings import Settings
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/billing_test"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+ADMIN_TOKEN = "test-admin-token"
+SECRET_KEY = "test-server-secret"
+
+
+def _recreate_database(url: str) -> None:
+    target = make_url(url)
+    maintenance = target.set(database="postgres", drivername="postgresql")
+    with psycopg.connect(
+        maintenance.render_as_string(hide_password=False), autocommit=True
+    ) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{target.database}"')
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for tests: the test database, fixed secrets, no Redis unless asked."""
+    values: dict[str, Any] = {
+        "database_url": TEST_DATABASE_URL,
+        "redis_url": None,
+        "secret_key": SECRET_KEY,
+        "billing_admin_token": ADMIN_TOKEN,
+        "data_dir": data_dir,
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def migrated_database() -> str:
+    """A fresh test database, migrated to head, holding the shipped price table."""
+    _recreate_database(TEST_DATABASE_URL)
+    upgrade(TEST_DATABASE_URL)
+    return TEST_DATABASE_URL
+
+
+@pytest.fixture(scope="session")
+def app(migrated_database: str, tmp_path_factory: pytest.TempPathFactory) -> Flask:
+    flask_app = create_app(make_settings(tmp_path_factory.mktemp("data")))
+    runtime: Runtime = flask_app.extensions["billing"]
+    with transaction(runtime.sessions) as session:
+        catalog.import_prices(session, catalog.default_price_file(), now=utcnow())
+    return flask_app
+
+
+@pytest.fixture
+def runtime(app: Flask) -> Runtime:
+    runtime: Runtime = app.extensions["billing"]
+    return runtime
+
+
+@pytest.fixture
+def db(runtime: Runtime) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test.
+
+    The app's requests join the same transaction through savepoints, so a request's commit is
+    visible to the test and nothing outlives it.
+    """
+    original = runtime.sessions
+    with runtime.engine.connect() as connection:
+        outer = connection.begin()
+        runtime.sessions = sessionmaker(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        try:
+            with runtime.sessions() as session:
+                yield session
+        finally:
+            runtime.sessions = original
+            outer.rollback()
+
+
+@pytest.fixture
+def client(app: Flask, db: Session) -> FlaskClient:
+    """An HTTP client without credentials."""
+    return app.test_client()
+
+
+@pytest.fixture
+def admin(app: Flask, db: Session) -> FlaskClient:
+    """An HTTP client sending the bootstrap admin token."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_TOKEN}"
+    return test_client
+
+
+@pytest.fixture
+def committed(runtime: Runtime) -> Iterator[Engine]:
+    """For tests whose data must be seen by other processes: commits for real, then cleans up."""
+    yield runtime.engine
+    with runtime.engine.begin() as connection:
+        connection.execute(
+            text(
+                "TRUNCATE audit_log, key_state_changes, ledger_entries, api_keys, accounts,"
+                " service_tokens RESTART IDENTITY CASCADE"
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def redis_settings(migrated_database: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings that use the real Redis (a database of its own, flushed) and real workers."""
+    import redis
+
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    return make_settings(tmp_path_factory.mktemp("worker-data"), redis_url=TEST_REDIS_URL)
+
+
+@pytest.fixture(scope="session")
+def celery_client(redis_settings: Settings) -> Celery:
+    """A Celery app that sends tasks through Redis to real worker processes."""
+    celery: Celery = create_app(redis_settings).extensions["celery"]
+    return celery
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker process needs to share the tests' database and Redis."""
+    assert settings.redis_url and settings.billing_admin_token and settings.secret_key
+    return os.environ | {
+        "DATABASE_URL": TEST_DATABASE_URL,
+        "REDIS_URL": settings.redis_url,
+        "SECRET_KEY": settings.secret_key.get_secret_value(),
+        "BILLING_ADMIN_TOKEN": settings.billing_admin_token.get_secret_value(),
+        "DATA_DIR": str(settings.data_dir),
+    }
+
+
+def start_worker(
+    settings: Settings, celery: Celery, *, name: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """A real `celery worker` process, returned once it answers a ping."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "--pool=solo",
+            f"--hostname={name}@%h",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env=worker_env(settings),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while not any(name in host for reply in celery.control.ping(timeout=0.5) for host in reply):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"worker {name} did not start:\n{log.read_text()}")
+    return process
+
+
+@pytest.fixture
+def worker(
+    redis_settings: Settings, celery_client: Celery, tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """One real Celery worker process for the duration of a test."""
+    process = start_worker(
+        redis_settings, celery_client, name=f"w{os.getpid()}", log=tmp_path / "worker.log"
+    )
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
