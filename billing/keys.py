@@ -215,7 +215,13 @@ def validate_rate_limit(text: str) -> str:
     return text
 
 
-def _checked(session: Session, settings: KeySettings, now: dt.datetime) -> KeySettings:
+def _checked(
+    session: Session,
+    settings: KeySettings,
+    now: dt.datetime,
+    *,
+    current_expiry: dt.datetime | None = None,
+) -> KeySettings:
     if not settings.name.strip():
         raise InvalidRequest("name must not be empty.", param="name")
     if settings.rate_limit is not None:
@@ -230,7 +236,9 @@ def _checked(session: Session, settings: KeySettings, now: dt.datetime) -> KeySe
             )
         except catalog.ModelNotFound as exc:
             raise catalog.ModelNotFound(exc.message, param="allowed_models") from None
-    if settings.expires_at is not None and settings.expires_at <= now:
+    # An unchanged expiry is not re-checked: an expired key can still be renamed.
+    expiry_changed = settings.expires_at != current_expiry
+    if expiry_changed and settings.expires_at is not None and settings.expires_at <= now:
         raise InvalidRequest("expires_at must be in the future.", param="expires_at")
     return KeySettings(
         settings.name.strip(),
@@ -304,7 +312,7 @@ def update_key(
     key = get_key(session, key_id)
     if key.revoked_at is not None:
         raise InvalidRequest("This key is revoked; revoked keys cannot be changed.", param="key_id")
-    settings = _checked(session, settings, now)
+    settings = _checked(session, settings, now, current_expiry=key.expires_at)
     key.name = settings.name
     key.rate_limit = settings.rate_limit
     key.monthly_cap_nanos = settings.monthly_cap_nanos

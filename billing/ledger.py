@@ -28,7 +28,7 @@ from billing.accounts import Account, get_account
 from billing.db import Base, BigIntId
 from billing.errors import Conflict, InvalidRequest
 from billing.keys import refresh_account_keys
-from billing.money import Nanos, format_usd
+from billing.money import MAX_AMOUNT_NANOS, Nanos, format_usd
 
 
 class EntryKind(enum.StrEnum):
@@ -114,6 +114,12 @@ def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[Ledge
         if earlier is not None:
             return earlier, False
     account = get_account(session, posting.account_id)
+    if abs(account.balance_nanos + posting.amount_nanos) > MAX_AMOUNT_NANOS:
+        raise InvalidRequest(
+            "amount_usd would take the balance past the limit of"
+            f" {format_usd(MAX_AMOUNT_NANOS)} USD.",
+            param="amount_usd",
+        )
     entry = LedgerEntry(
         account_id=account.id,
         kind=posting.kind,

@@ -21,6 +21,10 @@ SCALE = 9
 
 Nanos = int
 
+# No amount or balance may pass $1,000,000,000: far beyond any real account, and far below where
+# 64-bit nano-dollars overflow, so even concurrent credits at the bound cannot overflow.
+MAX_AMOUNT_NANOS = 10**18
+
 # ASCII digits only: Decimal() alone would also take "1_000", "1e3" and non-ASCII digits.
 _DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
 

@@ -12,7 +12,8 @@ import secrets
 import string
 import time
 
-BASE62 = string.digits + string.ascii_letters
+# In ASCII order, so that ids (whose leading digits encode the time) sort in creation order.
+BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 SECRET_LENGTH = 48
 
 

@@ -132,3 +132,10 @@ def test_readme_walkthrough_works_as_written(embedded_server: Server) -> None:
     ).json()
     assert [key["state"] for key in keys["data"]] == ["active"]
     assert '"id":"doubao-seed-2-0-lite"' in result.stdout, "the customer saw the priced models"
+
+    server_log = (embedded_server.cwd / "server.log").read_text()
+    assert f"GET /admin/v1/accounts/{account_id[1]}/keys" in server_log, "requests are logged"
+    key_prefix = re.search(r"key: (sk-\w+)\.\.\.", result.stdout)
+    assert key_prefix
+    secrets = [token, key_prefix[1]]
+    assert not [secret for secret in secrets if secret in server_log], "a secret reached the log"

@@ -212,7 +212,7 @@ def create_adjustment(
             amount_nanos=parse_usd(body.amount_usd),
             reason=body.reason,
             actor=g.actor,
-            idempotency_key=f"adjustment:{header.idempotency_key}",
+            idempotency_key=f"adjustment:{path.account_id}:{header.idempotency_key}",
         ),
         now=now(),
     )

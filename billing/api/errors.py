@@ -6,6 +6,7 @@ gateway can relay our answers verbatim.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import cast
 
@@ -43,7 +44,7 @@ def error_response(
 
 def validation_error_response(exc: ValidationError) -> Response:
     """A 400 naming the first field pydantic refused (flask-openapi3's validation callback)."""
-    if request.data and request.get_json(silent=True) is None and request.method != "GET":
+    if request.method != "GET" and request.data and not _is_json(request.data):
         return error_response(400, "The request body is not valid JSON.", code="invalid_json")
     error = exc.errors(include_url=False)[0]
     location = [str(part) for part in error["loc"]]
@@ -56,6 +57,14 @@ def validation_error_response(exc: ValidationError) -> Response:
         detail = str(error["msg"]).removeprefix("Value error, ")
         message = f"{param}: {detail}"
     return error_response(400, message, code="invalid_request", param=param)
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def _billing_error(exc: BillingError) -> Response:

@@ -11,10 +11,18 @@ import binascii
 import datetime as dt
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+)
 
 from billing.errors import InvalidRequest
-from billing.money import MoneyFormatError, parse_usd
+from billing.money import MAX_AMOUNT_NANOS, MoneyFormatError, format_usd, parse_usd
 
 
 def _refuse_numbers(value: object) -> object:
@@ -25,9 +33,11 @@ def _refuse_numbers(value: object) -> object:
 
 def _exact_decimal(value: str) -> str:
     try:
-        parse_usd(value)
+        nanos = parse_usd(value)
     except MoneyFormatError as exc:
         raise ValueError(str(exc)) from None
+    if abs(nanos) > MAX_AMOUNT_NANOS:
+        raise ValueError(f"{value!r} is over the limit of {format_usd(MAX_AMOUNT_NANOS)} USD")
     return value
 
 
@@ -130,7 +140,7 @@ class KeyFields(Body):
     )
     monthly_cap_usd: UsdAmount | None = None
     allowed_models: list[str] | None = Field(None, description="Model ids or aliases; null: all.")
-    expires_at: dt.datetime | None = None
+    expires_at: AwareDatetime | None = Field(None, description="RFC 3339 with a UTC offset.")
 
 
 class KeyCreate(KeyFields):
@@ -204,7 +214,9 @@ class PriceVersionCreate(Body):
     cached_input_price_per_m: PriceAmount | None = Field(None, description="Default: input price.")
     reasoning_price_per_m: PriceAmount | None = Field(None, description="Default: output price.")
     max_output_tokens: StrictInt | None = Field(None, gt=0)
-    effective_from: dt.datetime | None = Field(None, description="Default: now.")
+    effective_from: AwareDatetime | None = Field(
+        None, description="Default: now. RFC 3339 with a UTC offset."
+    )
 
 
 class PricingOut(BaseModel):

@@ -1,0 +1,102 @@
+"""The OpenAPI document, the docs UI (served locally) and the health check."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+API_PREFIXES = ("/admin/v1/", "/v1/")
+
+
+def api_operations(app: Flask) -> list[tuple[str, str]]:
+    """(OpenAPI path, lower-case method) of every registered /admin/v1 and /v1 route."""
+    operations = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith(API_PREFIXES):
+            continue
+        path = re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            operations.append((path, method.lower()))
+    return operations
+
+
+@pytest.fixture
+def document(client: FlaskClient) -> dict[str, Any]:
+    response = client.get("/openapi.json")  # no credentials
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    return response.get_json()  # type: ignore[no-any-return]
+
+
+def test_the_document_is_openapi_3_1(document: dict[str, Any]) -> None:
+    assert re.fullmatch(r"3\.1\.\d+", document["openapi"])
+    assert document["info"]["title"]
+
+
+def test_every_api_route_is_documented(app: Flask, document: dict[str, Any]) -> None:
+    operations = api_operations(app)
+    assert ("/admin/v1/accounts/{account_id}/keys", "post") in operations
+    assert ("/v1/models", "get") in operations
+    missing = [
+        f"{method.upper()} {path}"
+        for path, method in operations
+        if method not in document["paths"].get(path, {})
+    ]
+    assert missing == []
+
+
+def test_bearer_security_is_declared_and_applied(app: Flask, document: dict[str, Any]) -> None:
+    schemes = document["components"]["securitySchemes"]
+    for name in ("admin", "customer"):
+        assert schemes[name]["type"] == "http"
+        assert schemes[name]["scheme"].lower() == "bearer"
+    for path, method in api_operations(app):
+        security = document["paths"][path][method].get("security")
+        expected = "admin" if path.startswith("/admin/") else "customer"
+        assert security == [{expected: []}], f"{method.upper()} {path}"
+
+
+def test_money_fields_are_documented_as_strings(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    money = [
+        (name, field, spec)
+        for name, schema in schemas.items()
+        for field, spec in schema.get("properties", {}).items()
+        if field.endswith("_usd") or field.endswith("_price_per_m")
+    ]
+    assert money  # there are some
+    for name, field, spec in money:
+        types = {spec.get("type")} | {option.get("type") for option in spec.get("anyOf", [])}
+        assert "string" in types, (name, field)
+        assert not types & {"number", "integer"}, (name, field)
+
+
+def test_the_docs_ui_is_served_from_this_app(client: FlaskClient) -> None:
+    response = client.get("/docs/swagger")
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    assert "http://" not in html
+    assert "https://" not in html
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assert any(asset.endswith(".js") for asset in assets)
+    assert any(asset.endswith(".css") for asset in assets)
+    for asset in assets:
+        assert not asset.startswith("//"), asset
+        url = urlsplit(urljoin("http://localhost/docs/swagger", asset))
+        assert url.netloc == "localhost", asset
+        fetched = client.get(url.path)
+        assert fetched.status_code == 200, asset
+        assert fetched.data
+
+
+def test_health(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ok"
+    assert response.get_json()["database"] == "ok"
