@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery, Task
 from flask import Flask, Response, current_app, g
 from flask_openapi3 import Info, OpenAPI
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from billing.db import make_engine, make_sessionmaker
+from billing.runtime import Runtime
 from billing.settings import Settings
 
-
-@dataclass
-class Runtime:
-    """What every request and task shares: settings and the database."""
-
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
+__all__ = ["Runtime", "create_app", "current_runtime"]
 
 
 def current_runtime() -> Runtime:
@@ -52,11 +46,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in schema order
     engine = make_engine(settings.sqlalchemy_url)
-    app.extensions["billing"] = Runtime(settings, engine, make_sessionmaker(engine))
+    client = None
+    if settings.redis_url:
+        # Short timeouts: Redis is never worth stalling a request for (DESIGN invariant 6).
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=1, socket_connect_timeout=1
+        )
+    runtime = Runtime(settings, engine, make_sessionmaker(engine), redis=client)
+    app.extensions["billing"] = runtime
     app.after_request(_commit_on_success)
     app.teardown_request(_close_session)
     register(app)
-    celery_init_app(app)
+    runtime.celery = celery_init_app(app)
     return app
 
 
@@ -67,6 +68,11 @@ def _commit_on_success(response: Response) -> Response:
         try:
             if response.status_code < 400:
                 session.commit()
+                current_runtime().after_commit(session)
+        except SQLAlchemyError as exc:
+            from billing.api.errors import commit_failed  # the API package imports this module
+
+            return commit_failed(exc)
         finally:
             session.close()
     return response
@@ -98,7 +104,9 @@ def celery_init_app(app: Flask) -> Celery[Any]:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         include=["workers.tasks"],
+        # The sweep settles whatever a lost trigger left pending and catches the mirror up.
         beat_schedule={
+            "sweep": {"task": "workers.tasks.sweep", "schedule": 5.0},
             "reconcile-ledger": {"task": "workers.tasks.reconcile_ledger", "schedule": 3600.0},
         },
     )

@@ -15,7 +15,7 @@ from sqlalchemy import CheckConstraint, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing.db import Base
-from billing.errors import BillingError, InvalidRequest
+from billing.errors import BillingError, InvalidRequest, NotFound
 from billing.tokens import keyed_hash, mask, new_id, new_secret
 
 
@@ -95,3 +95,22 @@ def authenticate(
     if token_id is None:
         raise Unauthenticated(f"Invalid {role} token.", param="Authorization")
     return token_id
+
+
+class TokenNotFound(NotFound):
+    """No token of that role has that id."""
+
+
+def list_tokens(session: Session, *, role: Role) -> list[ServiceToken]:
+    """Every token of ``role``, oldest first."""
+    query = select(ServiceToken).where(ServiceToken.role == role).order_by(ServiceToken.id)
+    return list(session.scalars(query))
+
+
+def revoke_token(session: Session, token_id: str, *, role: Role, now: dt.datetime) -> ServiceToken:
+    """Revoke a token for good; revoking twice is harmless. Raises TokenNotFound."""
+    token = session.get(ServiceToken, token_id)
+    if token is None or token.role != role:
+        raise TokenNotFound(f"No {role} token with id {token_id!r}.", param="token_id")
+    token.revoked_at = token.revoked_at or now
+    return token

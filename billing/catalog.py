@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing.db import Base, BigIntId
+from billing.effects import mark_prices_changed
 from billing.errors import Conflict, InvalidRequest, NotFound
 from billing.money import MoneyFormatError, parse_usd
 from billing.pricing import Price
@@ -221,6 +222,7 @@ def add_price_version(
     )
     session.add(version)
     session.flush()
+    mark_prices_changed(session)
     return version
 
 
@@ -247,6 +249,7 @@ def add_alias(session: Session, *, model_id: str, alias: str, now: dt.datetime) 
     row = ModelAlias(alias=alias, model_id=model_id, created_at=now)
     session.add(row)
     session.flush()
+    mark_prices_changed(session)
     return row
 
 

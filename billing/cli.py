@@ -13,10 +13,10 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import catalog, ledger
+from billing import catalog, ledger, mirror, settlement
 from billing.app import Runtime, create_app
 from billing.auth import Role, ServiceToken, create_token
-from billing.db import transaction, utcnow
+from billing.db import utcnow
 from billing.errors import BillingError
 from billing.migrate import upgrade
 
@@ -59,7 +59,7 @@ def prices() -> None:
 @click.option("--if-empty", is_flag=True, help="Only import into a database with no models yet.")
 def prices_import(file: Path | None, if_empty: bool) -> None:
     """Import a price file (default: the shipped table of the seed models)."""
-    with transaction(_runtime().sessions) as session:
+    with _runtime().transaction() as session:
         if if_empty and catalog.has_models(session):
             click.echo("price table already loaded; nothing imported")
             return
@@ -75,14 +75,55 @@ def prices_import(file: Path | None, if_empty: bool) -> None:
 
 @main.command()
 def reconcile() -> None:
-    """Check that every balance equals the sum of its ledger entries; exit 1 on any drift."""
-    with transaction(_runtime().sessions) as session:
-        drift = ledger.reconcile(session)
-    for item in drift:
-        click.echo(f"DRIFT {item}", err=True)
+    """Prove the money invariants on live data; exit 1 on any drift.
+
+    Every balance equals the sum of its ledger entries, and every settled event's charge equals
+    an independent recomputation from its raw report and the price table (as does every usage
+    entry the sum of its events).
+    """
+    with _runtime().transaction() as session:
+        drift = [str(item) for item in ledger.reconcile(session)]
+        drift += [str(item) for item in settlement.verify_costs(session)]
+    for line in drift:
+        click.echo(f"DRIFT {line}", err=True)
     if drift:
         sys.exit(1)
-    click.echo("ok: every balance equals the sum of its ledger entries")
+    click.echo(
+        "ok: every balance equals the sum of its entries; every charge equals its recomputed cost"
+    )
+
+
+@main.command("redis-rebuild")
+def redis_rebuild() -> None:
+    """Rebuild the Redis mirror of key states from PostgreSQL."""
+    runtime = _runtime()
+    if runtime.redis is None:
+        raise click.ClickException("REDIS_URL is not set: there is no mirror to rebuild.")
+    with runtime.transaction() as session:
+        count = mirror.rebuild(session, runtime.redis)
+    click.echo(f"mirrored the state of {count} key(s)")
+
+
+def _token_command(role: Role) -> click.Command:
+    @click.command(
+        "create", help=f"Create a {role} token and print it (it is shown only this once)."
+    )
+    @click.option("--name", required=True, help="Who or what the token is for.")
+    def create(name: str) -> None:
+        runtime = _runtime()
+        with runtime.transaction() as session:
+            token, secret = _or_exit(
+                lambda: create_token(
+                    session, role=role, name=name, hmac_key=runtime.settings.hmac_key, now=utcnow()
+                )
+            )
+        click.echo(
+            f"created {role} token {token.id} ({name}); store it now, it is not shown again:",
+            err=True,
+        )
+        click.echo(secret)
+
+    return create
 
 
 @main.group("admin-token")
@@ -90,26 +131,13 @@ def admin_token() -> None:
     """Admin API tokens."""
 
 
-@admin_token.command("create")
-@click.option("--name", required=True, help="Who or what the token is for.")
-def admin_token_create(name: str) -> None:
-    """Create an admin token and print it (it is shown only this once)."""
-    runtime = _runtime()
-    with transaction(runtime.sessions) as session:
-        token, secret = _or_exit(
-            lambda: create_token(
-                session,
-                role=Role.ADMIN,
-                name=name,
-                hmac_key=runtime.settings.hmac_key,
-                now=utcnow(),
-            )
-        )
-        click.echo(
-            f"created admin token {token.id} ({name}); store it now, it is not shown again:",
-            err=True,
-        )
-    click.echo(secret)
+@main.group("gateway-token")
+def gateway_token() -> None:
+    """Gateway API tokens."""
+
+
+admin_token.add_command(_token_command(Role.ADMIN))
+gateway_token.add_command(_token_command(Role.GATEWAY))
 
 
 @main.command()
@@ -125,7 +153,7 @@ def serve(workers: int, threads: int) -> None:
     settings = runtime.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.sqlalchemy_url)
-    with transaction(runtime.sessions) as session:
+    with runtime.transaction() as session:
         if not catalog.has_models(session):
             catalog.import_prices(session, catalog.default_price_file(), now=utcnow())
             click.echo("loaded the default price table")

@@ -19,9 +19,10 @@ from limits import parse as parse_rate_limit
 from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing import catalog
+from billing import catalog, rollups
 from billing.accounts import Account, get_account
 from billing.db import Base, BigIntId
+from billing.effects import mark_keys_changed
 from billing.errors import InvalidRequest, NotFound
 from billing.tokens import keyed_hash, mask, new_id, new_secret
 
@@ -162,8 +163,13 @@ class KeySettings:
     expires_at: dt.datetime | None
 
 
-def derive_state(key: ApiKey, account: Account, now: dt.datetime) -> KeyState:
-    """The state the facts call for; the first applicable row of the state table wins."""
+def derive_state(
+    key: ApiKey, account: Account, now: dt.datetime, *, month_spend: int = 0
+) -> KeyState:
+    """The state the facts call for; the first applicable row of the state table wins.
+
+    ``month_spend`` is the key's settled spend in the current UTC month, in nano-dollars.
+    """
     if key.revoked_at is not None:
         return KeyState.REVOKED
     if key.disabled_at is not None:
@@ -174,6 +180,8 @@ def derive_state(key: ApiKey, account: Account, now: dt.datetime) -> KeyState:
         return KeyState.SUSPENDED
     if account.available_nanos <= 0:
         return KeyState.INSUFFICIENT_BALANCE
+    if key.monthly_cap_nanos is not None and month_spend >= key.monthly_cap_nanos:
+        return KeyState.MONTHLY_QUOTA_EXCEEDED
     return KeyState.ACTIVE
 
 
@@ -181,15 +189,23 @@ def refresh_state(
     session: Session, key: ApiKey, account: Account, *, reason: str, now: dt.datetime
 ) -> bool:
     """Re-derive ``key``'s state and record a change with ``reason``; True if it changed."""
-    new = derive_state(key, account, now)
+    spend = (
+        rollups.month_spend(session, [key.id], now=now) if key.monthly_cap_nanos is not None else {}
+    )
+    return _apply(
+        session, key, derive_state(key, account, now, month_spend=spend.get(key.id, 0)), reason, now
+    )
+
+
+def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.datetime) -> bool:
     if key.state == new:
         return False
-    session.add(
-        KeyStateChange(
-            key_id=key.id, old_state=key.state, new_state=new, reason=reason, created_at=now
-        )
+    change = KeyStateChange(
+        key_id=key.id, old_state=key.state, new_state=new, reason=reason, created_at=now
     )
+    session.add(change)
     key.state = new
+    mark_keys_changed(session, [key])
     return True
 
 
@@ -197,10 +213,42 @@ def refresh_account_keys(
     session: Session, account: Account, *, reason: str, now: dt.datetime
 ) -> list[ApiKey]:
     """Re-derive the state of every key of ``account``; returns the keys that changed."""
-    keys = session.scalars(
-        select(ApiKey).where(ApiKey.account_id == account.id).order_by(ApiKey.id)
+    return refresh_keys_of(session, [account.id], reason=reason, now=now)
+
+
+def refresh_keys_of(
+    session: Session, account_ids: list[str], *, reason: str, now: dt.datetime
+) -> list[ApiKey]:
+    """Re-derive the state of every key of these accounts from fresh balances and spend."""
+    if not account_ids:
+        return []
+    accounts = {
+        account.id: account
+        for account in session.scalars(
+            select(Account)
+            .where(Account.id.in_(account_ids))
+            .execution_options(populate_existing=True)
+        )
+    }
+    keys = list(
+        session.scalars(
+            select(ApiKey).where(ApiKey.account_id.in_(account_ids)).order_by(ApiKey.id)
+        )
     )
-    return [key for key in keys if refresh_state(session, key, account, reason=reason, now=now)]
+    spend = rollups.month_spend(
+        session, [key.id for key in keys if key.monthly_cap_nanos is not None], now=now
+    )
+    return [
+        key
+        for key in keys
+        if _apply(
+            session,
+            key,
+            derive_state(key, accounts[key.account_id], now, month_spend=spend.get(key.id, 0)),
+            reason,
+            now,
+        )
+    ]
 
 
 def validate_rate_limit(text: str) -> str:

@@ -133,8 +133,7 @@ def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[Ledge
     )
     try:
         with session.begin_nested():
-            session.add(entry)
-            session.flush()
+            _record(session, entry)
     except IntegrityError:
         # A concurrent request with the same idempotency key committed first; answer as it did.
         assert posting.idempotency_key is not None
@@ -142,15 +141,37 @@ def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[Ledge
         if earlier is None:
             raise
         return earlier, False
-    session.execute(
-        update(Account)
-        .where(Account.id == account.id)
-        .values(balance_nanos=Account.balance_nanos + posting.amount_nanos)
-    )
-    session.refresh(account, ["balance_nanos"])
     direction = "credit" if posting.amount_nanos > 0 else "debit"
     refresh_account_keys(session, account, reason=f"{posting.kind} {direction}", now=now)
     return entry, True
+
+
+def post_usage(
+    session: Session, *, account_id: str, amount_nanos: Nanos, batch: str, now: dt.datetime
+) -> LedgerEntry:
+    """Debit an account for a settlement batch's usage; the caller re-derives key states."""
+    entry = LedgerEntry(
+        account_id=account_id,
+        kind=EntryKind.USAGE,
+        amount_nanos=-amount_nanos,
+        reason="usage",
+        reference=f"settlement:{batch}",
+        actor="settlement",
+        created_at=now,
+    )
+    _record(session, entry)
+    return entry
+
+
+def _record(session: Session, entry: LedgerEntry) -> None:
+    """Write ``entry`` and move its account's balance by an atomic in-place increment."""
+    session.add(entry)
+    session.flush()
+    session.execute(
+        update(Account)
+        .where(Account.id == entry.account_id)
+        .values(balance_nanos=Account.balance_nanos + entry.amount_nanos)
+    )
 
 
 def _replay(session: Session, idempotency_key: str, request_hash: str | None) -> LedgerEntry | None:

@@ -1,7 +1,17 @@
 """Every table, imported in one place for migrations and schema checks."""
 
-from billing import accounts, audit, auth, catalog, keys, ledger
+from billing import accounts, audit, auth, catalog, keys, ledger, rollups, usage_events
 from billing.db import Base
 
 metadata = Base.metadata
-__all__ = ["accounts", "audit", "auth", "catalog", "keys", "ledger", "metadata"]
+__all__ = [
+    "accounts",
+    "audit",
+    "auth",
+    "catalog",
+    "keys",
+    "ledger",
+    "metadata",
+    "rollups",
+    "usage_events",
+]

@@ -35,6 +35,7 @@ TEST_DATABASE_URL = os.environ.get(
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 ADMIN_TOKEN = "test-admin-token"
+GATEWAY_TOKEN = "test-gateway-token"
 SECRET_KEY = "test-server-secret"
 
 
@@ -55,6 +56,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "redis_url": None,
         "secret_key": SECRET_KEY,
         "billing_admin_token": ADMIN_TOKEN,
+        "billing_gateway_token": GATEWAY_TOKEN,
         "data_dir": data_dir,
         "_env_file": None,
     }
@@ -121,14 +123,22 @@ def admin(app: Flask, db: Session) -> FlaskClient:
 
 
 @pytest.fixture
+def gateway(app: Flask, db: Session) -> FlaskClient:
+    """An HTTP client sending the bootstrap gateway token."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {GATEWAY_TOKEN}"
+    return test_client
+
+
+@pytest.fixture
 def committed(runtime: Runtime) -> Iterator[Engine]:
     """For tests whose data must be seen by other processes: commits for real, then cleans up."""
     yield runtime.engine
     with runtime.engine.begin() as connection:
         connection.execute(
             text(
-                "TRUNCATE audit_log, key_state_changes, ledger_entries, api_keys, accounts,"
-                " service_tokens RESTART IDENTITY CASCADE"
+                "TRUNCATE usage_rollups, usage_events, audit_log, key_state_changes,"
+                " ledger_entries, api_keys, accounts, service_tokens RESTART IDENTITY CASCADE"
             )
         )
 
@@ -157,6 +167,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "REDIS_URL": settings.redis_url,
         "SECRET_KEY": settings.secret_key.get_secret_value(),
         "BILLING_ADMIN_TOKEN": settings.billing_admin_token.get_secret_value(),
+        "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
         "DATA_DIR": str(settings.data_dir),
     }
 

@@ -1,23 +1,49 @@
-"""Celery tasks: thin wrappers that open a transaction and call one domain function."""
+"""Celery tasks: thin wrappers around one runtime or domain call each, safe to run twice."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_ready
 
-from billing import ledger
+from billing import ledger, settlement
 from billing.app import current_runtime
-from billing.db import transaction
 
 log = logging.getLogger(__name__)
 
 
 @shared_task(acks_late=True)
+def settle_usage() -> int:
+    """Settle pending usage until none is left; returns the number of events claimed."""
+    return current_runtime().settle_pending()
+
+
+@shared_task(acks_late=True)
+def sweep() -> int:
+    """Beat's safety net: settle what lost triggers left behind and catch the mirror up."""
+    runtime = current_runtime()
+    runtime.sync_mirror()
+    return runtime.settle_pending()
+
+
+@shared_task(acks_late=True)
 def reconcile_ledger() -> list[str]:
-    """Check every balance against its ledger entries; returns (and logs) each drift found."""
-    with transaction(current_runtime().sessions) as session:
+    """Check balances against entries and charges against recomputed costs; returns the drift."""
+    with current_runtime().transaction() as session:
         drift = [str(item) for item in ledger.reconcile(session)]
+        drift += [str(item) for item in settlement.verify_costs(session)]
     for line in drift:
-        log.error("ledger drift: %s", line)
+        log.error("reconcile: %s", line)
     return drift
+
+
+@worker_ready.connect
+def _rebuild_mirror(**_: Any) -> None:
+    """A worker starting may find Redis empty: rebuild the key-state mirror first."""
+    from workers.app import flask_app
+
+    with flask_app.app_context():
+        written = current_runtime().sync_mirror()
+    log.info("key-state mirror in sync (%d keys written)", written)

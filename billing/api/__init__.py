@@ -10,6 +10,7 @@ from flask_openapi3.models import SecurityScheme
 from billing.api.admin import admin
 from billing.api.customer import customer
 from billing.api.errors import register_error_handlers
+from billing.api.gateway import DOC_MODELS, gateway
 from billing.api.ops import ops, register_docs
 
 SECURITY_SCHEMES: dict[str, SecurityScheme | dict[str, Any]] = {
@@ -17,6 +18,11 @@ SECURITY_SCHEMES: dict[str, SecurityScheme | dict[str, Any]] = {
         type="http",
         scheme="bearer",
         description="An admin token (`BILLING_ADMIN_TOKEN` or `billing admin-token create`).",
+    ),
+    "gateway": SecurityScheme(
+        type="http",
+        scheme="bearer",
+        description="A gateway token (`BILLING_GATEWAY_TOKEN` or `billing gateway-token create`).",
     ),
     "customer": SecurityScheme(
         type="http", scheme="bearer", description="A customer API key, `sk-...`."
@@ -30,4 +36,5 @@ def register(app: OpenAPI) -> None:
     app.register_api(ops)
     app.register_api(admin)
     app.register_api(customer)
-    register_docs(app)
+    app.register_api(gateway)
+    register_docs(app, DOC_MODELS)

@@ -12,7 +12,7 @@ from typing import Any
 from flask import Response, g, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from billing import accounts, audit, catalog, keys, ledger
+from billing import accounts, audit, auth, catalog, keys, ledger, rollups, settlement
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.auth import Role, authenticate
@@ -30,6 +30,8 @@ KEYS = [Tag(name="Keys")]
 LEDGER = [Tag(name="Ledger")]
 MODELS = [Tag(name="Models and prices")]
 AUDIT = [Tag(name="Audit")]
+GATEWAY = [Tag(name="Gateway tokens")]
+USAGE = [Tag(name="Usage")]
 
 
 @admin.before_request
@@ -58,6 +60,14 @@ def _audit(response: Response) -> Response:
             now=now(),
         )
     return response
+
+
+def _all(items: list[Any]) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [item.model_dump(mode="json") for item in items],
+        "next_cursor": None,
+    }
 
 
 def _page(items: list[Any], limit: int, position: Any) -> dict[str, Any]:
@@ -125,12 +135,7 @@ def create_key(path: schemas.AccountPath, body: schemas.KeyCreate) -> tuple[dict
 def list_keys(path: schemas.AccountPath) -> dict[str, Any]:
     """The keys of an account (secrets masked)."""
     at = now()
-    rows = keys.list_keys(session(), path.account_id)
-    return {
-        "object": "list",
-        "data": [render.key(row, now=at).model_dump(mode="json") for row in rows],
-        "next_cursor": None,
-    }
+    return _all([render.key(row, now=at) for row in keys.list_keys(session(), path.account_id)])
 
 
 @admin.get("/keys/<key_id>", tags=KEYS, responses={200: schemas.KeyOut})
@@ -278,6 +283,72 @@ def create_alias(path: schemas.ModelPath, body: schemas.AliasCreate) -> tuple[di
     """Make `alias` another name of the model."""
     row = catalog.add_alias(session(), model_id=path.model_id, alias=body.alias, now=now())
     return schemas.AliasOut(alias=row.alias, model_id=row.model_id).model_dump(mode="json"), 201
+
+
+# Gateway tokens
+
+
+@admin.post("/gateway-tokens", tags=GATEWAY, responses={201: schemas.TokenWithSecret})
+def create_gateway_token(body: schemas.TokenCreate) -> tuple[dict[str, Any], int]:
+    """Create a token for a gateway. The secret `token` is in this response only."""
+    row, secret = auth.create_token(
+        session(), role=Role.GATEWAY, name=body.name, hmac_key=settings().hmac_key, now=now()
+    )
+    return render.token_with_secret(row, secret).model_dump(mode="json"), 201
+
+
+@admin.get("/gateway-tokens", tags=GATEWAY, responses={200: schemas.Page[schemas.TokenOut]})
+def list_gateway_tokens() -> dict[str, Any]:
+    """Every gateway token (masked), revoked ones included."""
+    return _all([render.token(row) for row in auth.list_tokens(session(), role=Role.GATEWAY)])
+
+
+@admin.post("/gateway-tokens/<token_id>/revoke", tags=GATEWAY, responses={200: schemas.TokenOut})
+def revoke_gateway_token(path: schemas.TokenPath) -> dict[str, Any]:
+    """Revoke a gateway token; it is refused from now on."""
+    row = auth.revoke_token(session(), path.token_id, role=Role.GATEWAY, now=now())
+    return render.token(row).model_dump(mode="json")
+
+
+# Usage
+
+
+@admin.get("/usage", tags=USAGE, responses={200: schemas.UsageReportOut})
+def usage_report(query: schemas.UsageQueryIn) -> dict[str, Any] | Response:
+    """Settled usage totals with filters, grouped by day, model, key and/or account.
+
+    `format=csv` answers the same rows as CSV.
+    """
+    group_by = tuple(part.strip() for part in query.group_by.split(",") if part.strip())
+    rows = rollups.report(
+        session(),
+        rollups.UsageQuery(
+            account_id=query.account_id,
+            key_id=query.key_id,
+            model=query.model,
+            start=query.start,
+            end=query.end,
+            group_by=group_by,
+        ),
+    )
+    data = [render.usage_row(row) for row in rows]
+    if query.format == "csv":
+        return render.usage_csv(group_by, data)
+    return {
+        "object": "list",
+        "group_by": list(group_by),
+        "data": [row.model_dump(mode="json", exclude_none=True) for row in data],
+    }
+
+
+@admin.get("/usage/unpriced", tags=USAGE, responses={200: schemas.UnpricedList})
+def unpriced_usage() -> dict[str, Any]:
+    """Model names with usage parked for want of a price; adding a price settles it."""
+    rows = settlement.unpriced_models(session())
+    return {
+        "object": "list",
+        "data": [render.unpriced(row).model_dump(mode="json") for row in rows],
+    }
 
 
 # Audit

@@ -12,6 +12,7 @@ from typing import cast
 
 from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from billing.errors import BillingError
@@ -82,6 +83,23 @@ def _http_error(exc: HTTPException) -> Response:
     )
 
 
+def _database_unavailable(exc: OperationalError) -> Response:
+    log.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig)
+    return error_response(
+        503,
+        "The billing database is unavailable. Nothing was recorded; retry shortly.",
+        code="service_unavailable",
+        type_="server_error",
+    )
+
+
+def commit_failed(exc: Exception) -> Response:
+    """The answer when a request's commit fails: nothing it did was recorded."""
+    if isinstance(exc, OperationalError):
+        return _database_unavailable(exc)
+    return _unexpected(exc)
+
+
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(
@@ -96,5 +114,6 @@ def register_error_handlers(app: Flask) -> None:
     """Route every failure through the renderers above."""
     app.register_error_handler(BillingError, _billing_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(OperationalError, _database_unavailable)
     app.register_error_handler(Exception, _unexpected)
     app.validation_error_callback = validation_error_response  # type: ignore[attr-defined]

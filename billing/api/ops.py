@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from flask import Flask, current_app, redirect
-from flask_openapi3 import APIBlueprint, Tag
+from flask import current_app, redirect
+from flask_openapi3 import APIBlueprint, OpenAPI, Tag
+from flask_openapi3.models import Schema
+from pydantic import BaseModel
 from sqlalchemy import text
 from werkzeug.wrappers import Response
 
@@ -23,8 +26,16 @@ def healthz() -> dict[str, Any]:
     return {"status": "ok", "database": "ok"}
 
 
-def register_docs(app: Flask) -> None:
-    """Serve the generated OpenAPI document at ``/openapi.json`` and the docs UI at ``/docs``."""
+def register_docs(app: OpenAPI, models: Iterable[type[BaseModel]]) -> None:
+    """Serve the generated OpenAPI document at ``/openapi.json`` and the docs UI at ``/docs``.
+
+    ``models`` document request bodies that their views parse themselves (item by item).
+    """
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in schema.pop("$defs", {}).items():
+            app.components_schemas[name] = Schema(**definition)
+        app.components_schemas[model.__name__] = Schema(**schema)
 
     @app.get("/openapi.json")
     def openapi_document() -> dict[str, Any]:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
+from typing import Any
+
+from flask import Response
 
 from billing.accounts import Account
 from billing.api import schemas
 from billing.audit import AuditEntry
+from billing.auth import ServiceToken
 from billing.catalog import ModelListing
 from billing.keys import ENFORCEMENT, ApiKey
 from billing.ledger import LedgerEntry
 from billing.money import format_usd
+from billing.settlement import UnpricedModel
 
 
 def account(row: Account) -> schemas.AccountOut:
@@ -93,4 +100,58 @@ def audit_entry(row: AuditEntry) -> schemas.AuditEntryOut:
         status=row.status,
         request=row.request,
         created_at=row.created_at,
+    )
+
+
+def token(row: ServiceToken) -> schemas.TokenOut:
+    return schemas.TokenOut(
+        id=row.id,
+        name=row.name,
+        masked_token=f"{row.display_prefix}...{row.last4}",
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def token_with_secret(row: ServiceToken, secret: str) -> schemas.TokenWithSecret:
+    return schemas.TokenWithSecret(**token(row).model_dump(), token=secret)
+
+
+def usage_row(row: dict[str, Any]) -> schemas.UsageRow:
+    return schemas.UsageRow(
+        **{k: v for k, v in row.items() if k != "cost_nanos"},
+        cost_usd=format_usd(row["cost_nanos"]),
+    )
+
+
+def usage_csv(group_by: tuple[str, ...], rows: list[schemas.UsageRow]) -> Response:
+    """The usage report as a CSV download, one column per group then the totals."""
+    columns = [
+        *group_by,
+        "requests",
+        "input_tokens",
+        "cached_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+    ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for row in rows:
+        values = row.model_dump(mode="json")
+        writer.writerow([values[column] for column in columns])
+    return Response(
+        buffer.getvalue(),
+        mimetype="text/csv",
+        headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+    )
+
+
+def unpriced(row: UnpricedModel) -> schemas.UnpricedModelOut:
+    return schemas.UnpricedModelOut(
+        model=row.model,
+        events=row.events,
+        first_occurred_at=row.first_occurred_at,
+        last_occurred_at=row.last_occurred_at,
     )

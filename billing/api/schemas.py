@@ -287,3 +287,72 @@ class ErrorOut(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     database: Literal["ok"]
+
+
+# Gateway tokens
+
+
+class TokenCreate(Body):
+    name: Name
+
+
+class TokenOut(BaseModel):
+    object: Literal["gateway_token"] = "gateway_token"
+    id: str
+    name: str
+    masked_token: str
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+class TokenWithSecret(TokenOut):
+    token: str = Field(description="The secret token. Shown only in this response; store it now.")
+
+
+class TokenPath(BaseModel):
+    token_id: str
+
+
+# Usage
+
+
+class UsageQueryIn(BaseModel):
+    account_id: str | None = None
+    key_id: str | None = None
+    model: str | None = Field(None, description="A model id (after alias resolution).")
+    start: dt.date | None = Field(None, alias="from", description="First UTC day, included.")
+    end: dt.date | None = Field(None, alias="to", description="Last UTC day, included.")
+    group_by: str = Field("day", description="Comma-separated: day, model, key, account.")
+    format: Literal["json", "csv"] = "json"
+
+
+class UsageRow(BaseModel):
+    day: dt.date | None = None
+    model: str | None = None
+    key: str | None = None
+    account: str | None = None
+    requests: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_usd: str
+
+
+class UsageReportOut(BaseModel):
+    object: Literal["list"] = "list"
+    group_by: list[str]
+    data: list[UsageRow]
+
+
+class UnpricedModelOut(BaseModel):
+    object: Literal["unpriced_model"] = "unpriced_model"
+    model: str
+    events: int
+    first_occurred_at: dt.datetime
+    last_occurred_at: dt.datetime
+
+
+class UnpricedList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UnpricedModelOut]

@@ -1,0 +1,131 @@
+"""The gateway API (``/gateway/v1``): what the proxy in front of the models calls.
+
+Every route requires a gateway bearer token, checked before anything else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from flask import Response, g, jsonify, request
+from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel, Field
+
+from billing import usage_events
+from billing.api import schemas
+from billing.api.context import bearer_token, now, session, settings
+from billing.auth import Role, authenticate
+from billing.errors import InvalidRequest
+
+gateway = APIBlueprint(
+    "gateway",
+    __name__,
+    url_prefix="/gateway/v1",
+    abp_security=[{"gateway": []}],
+    abp_responses={400: schemas.ErrorOut, 401: schemas.ErrorOut, 503: schemas.ErrorOut},
+)
+TAGS = [Tag(name="Gateway")]
+
+
+class UsageEventIn(BaseModel):
+    """One request's usage. Send `usage` as the upstream reported it, or the four counts."""
+
+    request_id: str = Field(max_length=200, description="The idempotency key of the event.")
+    api_key: str | None = Field(None, description="The customer's key (or send key_id).")
+    key_id: str | None = None
+    model: str = Field(examples=["doubao-seed-2-0-lite"])
+    usage: dict[str, Any] | None = Field(
+        None, description="A Chat Completions or Responses API usage object."
+    )
+    input_tokens: int | None = None
+    cached_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    occurred_at: dt.datetime | None = Field(None, description="Default: when we received it.")
+    outcome: Literal["completed", "failed", "client_disconnected"] | None = "completed"
+
+
+class UsageBatchIn(BaseModel):
+    events: list[UsageEventIn] = Field(max_length=usage_events.MAX_BATCH)
+
+
+class UsageRejection(BaseModel):
+    index: int
+    request_id: str | None
+    error: schemas.ErrorDetail
+
+
+class UsageAccepted(BaseModel):
+    object: Literal["usage_report"] = "usage_report"
+    accepted: int
+    duplicates: int
+    rejected: list[UsageRejection]
+
+
+DOC_MODELS = (UsageEventIn, UsageBatchIn)
+USAGE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/UsageEventIn"},
+                    {"$ref": "#/components/schemas/UsageBatchIn"},
+                ]
+            }
+        }
+    },
+}
+
+
+@gateway.before_request
+def _authenticate() -> None:
+    config = settings()
+    bootstrap = config.billing_gateway_token
+    g.actor = authenticate(
+        session(),
+        bearer_token(),
+        role=Role.GATEWAY,
+        bootstrap=bootstrap.get_secret_value() if bootstrap else None,
+        hmac_key=config.hmac_key,
+    )
+
+
+@gateway.post(
+    "/usage",
+    tags=TAGS,
+    responses={202: UsageAccepted, 409: schemas.ErrorOut},
+    openapi_extensions={"requestBody": USAGE_BODY},
+)
+def report_usage() -> Response | tuple[Response, int]:
+    """Report usage: one event, or `{"events": [...]}` with up to 1000.
+
+    Stored durably before the 202. Each item is accepted, a duplicate (same request id and
+    content), or rejected with the reason; bad items never sink the good ones. A single event
+    that is rejected is answered with its error instead.
+    """
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    batch = "events" in body
+    items = body["events"] if batch else [body]
+    if not isinstance(items, list):
+        raise InvalidRequest("events must be a list of usage events.", param="events")
+    if len(items) > usage_events.MAX_BATCH:
+        raise InvalidRequest(
+            f"events holds at most {usage_events.MAX_BATCH} events; send the rest separately.",
+            param="events",
+        )
+    result = usage_events.ingest(
+        session(), items, prefix_items=batch, hmac_key=settings().hmac_key, now=now()
+    )
+    if not batch and result.rejected:
+        raise result.rejected[0].error
+    answer = {
+        "object": "usage_report",
+        "accepted": result.accepted,
+        "duplicates": result.duplicates,
+        "rejected": [rejection.as_dict() for rejection in result.rejected],
+    }
+    return jsonify(answer), 202

@@ -1,0 +1,98 @@
+"""The Redis mirror of key states, for the gateway's hot path.
+
+Redis may lose everything at any moment (DESIGN invariant 6), so the mirror is only ever a copy:
+PostgreSQL's ``api_keys`` is the truth and ``key_state_changes`` the feed that keeps the copy
+fresh. The mirror remembers the last change it applied; when that marker is missing (a new or
+flushed Redis) the whole mirror is rebuilt from PostgreSQL. Applying a change writes the key's
+*current* state, so applying one twice, or out of order, is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from billing.keys import ENFORCEMENT, ApiKey, KeyState, KeyStateChange
+
+CURSOR = "billing:mirror:cursor"
+# Longer than any transaction that changes key states runs.
+SETTLE_LAG = dt.timedelta(minutes=1)
+KEY_PREFIX = "billing:key:"
+
+
+def key_name(key_id: str) -> str:
+    """The Redis hash holding one key's mirrored state."""
+    return KEY_PREFIX + key_id
+
+
+def _write(pipe: redis.client.Pipeline, keys: Iterable[ApiKey]) -> None:
+    for key in keys:
+        state = KeyState(key.state)
+        pipe.hset(
+            key_name(key.id),
+            mapping={
+                "state": state.value,
+                "http_status": ENFORCEMENT[state].http_status,
+                "account_id": key.account_id,
+                "key_hash": key.key_hash,
+            },
+        )
+
+
+def rebuild(session: Session, client: redis.Redis) -> int:
+    """Write every key's state to Redis and set the cursor; returns the number of keys."""
+    last_change = session.scalar(select(func.max(KeyStateChange.id))) or 0
+    count = 0
+    pipe = client.pipeline(transaction=False)
+    for key in session.scalars(select(ApiKey).execution_options(yield_per=1000)):
+        _write(pipe, [key])
+        count += 1
+        if count % 1000 == 0:
+            pipe.execute()
+    pipe.set(CURSOR, last_change)
+    pipe.execute()
+    return count
+
+
+def publish(client: redis.Redis, keys: Iterable[ApiKey]) -> None:
+    """Write these keys' states (just committed) to the mirror."""
+    pipe = client.pipeline(transaction=False)
+    _write(pipe, keys)
+    pipe.execute()
+
+
+def sync(session: Session, client: redis.Redis, *, now: dt.datetime) -> int:
+    """Bring the mirror up to date with PostgreSQL; returns how many keys were written.
+
+    Change ids are assigned at insert, not at commit, so a change may become visible after a
+    higher id did. The cursor therefore only moves past changes older than ``SETTLE_LAG``;
+    newer ones are applied again next time, which is harmless.
+    """
+    cursor = client.get(CURSOR)
+    if cursor is None:
+        return rebuild(session, client)
+    changes = session.execute(
+        select(KeyStateChange.id, KeyStateChange.key_id, KeyStateChange.created_at)
+        .where(KeyStateChange.id > int(cursor))
+        .order_by(KeyStateChange.id)
+    ).all()
+    if not changes:
+        return 0
+    key_ids = {key_id for _, key_id, _ in changes}
+    pipe = client.pipeline(transaction=False)
+    _write(pipe, session.scalars(select(ApiKey).where(ApiKey.id.in_(key_ids))))
+    settled = [change_id for change_id, _, created_at in changes if created_at <= now - SETTLE_LAG]
+    if settled:
+        pipe.set(CURSOR, settled[-1])
+    pipe.execute()
+    return len(key_ids)
+
+
+def mirrored_state(client: redis.Redis, key_id: str) -> dict[str, str]:
+    """What the mirror holds for a key (empty if nothing)."""
+    stored: dict[bytes, bytes] = client.hgetall(key_name(key_id))  # type: ignore[assignment]
+    return {name.decode(): value.decode() for name, value in stored.items()}

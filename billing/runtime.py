@@ -1,0 +1,106 @@
+"""What every request, command and task shares: settings, the database, Redis, and the effects
+that must follow a commit (never precede it).
+
+Domain code marks what a transaction did (``billing.effects``: keys whose state changed, usage
+waiting to be settled); after the commit, :meth:`Runtime.after_commit` carries out
+the effects: the Redis mirror is updated and settlement is triggered. If an effect is lost (a
+process dies between commit and effect), the periodic sweep and mirror sync catch up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import effects, mirror, settlement
+from billing.db import transaction, utcnow
+from billing.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTLE_FLAG = "billing:settle:scheduled"
+SETTLE_TASK = "workers.tasks.settle_usage"
+# A trigger coalesces the ingests of this many seconds into one settlement task.
+SETTLE_FLAG_TTL = 2
+
+
+@dataclass
+class Runtime:
+    """Settings and connections of one process."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    redis: redis.Redis | None = None
+    celery: Any = field(default=None, repr=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session committed at the end of the block, followed by its after-commit effects."""
+        with transaction(self.sessions) as session:
+            yield session
+        self.after_commit(session)
+
+    def after_commit(self, session: Session) -> None:
+        """Carry out what the committed transaction asked for."""
+        changed, usage_pending, prices_changed = effects.take(session)
+        if changed and self.redis is not None:
+            try:
+                mirror.publish(self.redis, changed)
+            except redis.RedisError:
+                log.warning(
+                    "Redis unavailable: %d key states wait for the next mirror sync", len(changed)
+                )
+        if prices_changed:
+            with self.transaction() as released:
+                usage_pending = settlement.release_unpriced(released) > 0 or usage_pending
+        if usage_pending:
+            self.trigger_settlement()
+
+    def trigger_settlement(self) -> None:
+        """Have pending usage settled soon: in-process when embedded, else by a coalesced task."""
+        if self.redis is None:
+            try:
+                self.settle_pending()
+            except Exception:
+                # Embedded default: the events are committed; the next trigger settles them.
+                log.exception("in-process settlement failed")
+            return
+        try:
+            if self.redis.set(SETTLE_FLAG, 1, nx=True, ex=SETTLE_FLAG_TTL):
+                self.celery.send_task(SETTLE_TASK, retry=False)
+        except Exception:
+            log.warning(
+                "could not trigger settlement; the periodic sweep will settle", exc_info=True
+            )
+
+    def settle_pending(self, *, limit: int = settlement.BATCH_SIZE) -> int:
+        """Settle batches until none is pending; returns the number of events claimed."""
+        if self.redis is not None:
+            # Cleared before draining: an ingest that commits after this point triggers anew.
+            self.redis.delete(SETTLE_FLAG)
+        total = 0
+        while True:
+            with self.transaction() as session:
+                result = settlement.settle_batch(session, now=utcnow(), limit=limit)
+            if total == 0 and result.claimed == limit and self.celery is not None and self.redis:
+                # A backlog: ask another worker to drain beside this one (SKIP LOCKED keeps
+                # them apart). Each drain asks once, so helpers never outnumber the backlog.
+                self.celery.send_task(SETTLE_TASK, retry=False)
+            total += result.claimed
+            if result.claimed < limit:
+                return total
+
+    def sync_mirror(self) -> int:
+        """Bring the Redis mirror up to date (rebuilding it if Redis lost it)."""
+        if self.redis is None:
+            return 0
+        with self.transaction() as session:
+            return mirror.sync(session, self.redis, now=utcnow())

@@ -1,0 +1,261 @@
+"""Settlement: pricing pending usage events in batches and charging them to their accounts.
+
+Invariants:
+- An event is settled exactly once. A batch is claimed with ``FOR UPDATE SKIP LOCKED`` so that
+  workers in parallel never take the same event, and everything a batch does (prices, ledger
+  entries, balances, rollups, key states, the events' status) commits in one transaction: a
+  worker killed mid-batch leaves the events pending for the next one.
+- An event is priced at the price version in effect at its ``occurred_at``, and the version
+  applied is stored with its exact breakdown. An event whose model has no price then is parked
+  as unpriced, never dropped and never free; adding a price releases it.
+- Balances move through the ledger only: one usage entry per account per batch, for the exact
+  sum of the stored, rounded event costs. Accounts are charged in id order, so concurrent
+  batches lock rows in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from billing import catalog, keys, ledger, rollups
+from billing.catalog import PriceVersion
+from billing.money import Nanos
+from billing.pricing import Cost, price_usage
+from billing.usage import normalise_usage
+from billing.usage_events import EventStatus, UsageEvent
+
+BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one settlement batch did."""
+
+    claimed: int
+    settled: int
+    unpriced: int
+    accounts_charged: int
+
+
+class PriceBook:
+    """Every price version of the models a batch needs, looked up by model name and instant."""
+
+    def __init__(self, session: Session, names: Iterable[str]) -> None:
+        self._model_ids: dict[str, str | None] = {}
+        for name in set(names):
+            try:
+                self._model_ids[name] = catalog.resolve_model(session, name)
+            except catalog.ModelNotFound:
+                self._model_ids[name] = None
+        known = {model_id for model_id in self._model_ids.values() if model_id}
+        self._versions: dict[str, list[PriceVersion]] = defaultdict(list)
+        if known:
+            query = select(PriceVersion).where(PriceVersion.model_id.in_(known))
+            for version in session.scalars(query.order_by(PriceVersion.effective_from)):
+                self._versions[version.model_id].append(version)
+        self._starts = {
+            model_id: [version.effective_from for version in versions]
+            for model_id, versions in self._versions.items()
+        }
+
+    def model_id(self, name: str) -> str | None:
+        """The canonical id of a reported model name, or None if it names no model."""
+        return self._model_ids.get(name)
+
+    def version_at(self, name: str, at: dt.datetime) -> PriceVersion | None:
+        """The version in effect at ``at`` for the model ``name`` resolves to, or None."""
+        model_id = self._model_ids.get(name)
+        if model_id is None:
+            return None
+        position = bisect.bisect_right(self._starts.get(model_id, []), at)
+        return self._versions[model_id][position - 1] if position else None
+
+
+def claim(session: Session, limit: int) -> list[UsageEvent]:
+    """Lock up to ``limit`` pending events, oldest first, skipping those another worker holds."""
+    query = (
+        select(UsageEvent)
+        .where(UsageEvent.status == EventStatus.PENDING)
+        .order_by(UsageEvent.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query))
+
+
+def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE) -> BatchResult:
+    """Claim, price and charge one batch of pending events; the caller commits."""
+    events = claim(session, limit)
+    if not events:
+        return BatchResult(0, 0, 0, 0)
+    book = PriceBook(session, (event.model for event in events))
+    charges: dict[str, Nanos] = defaultdict(int)
+    priced: list[tuple[UsageEvent, PriceVersion, Cost]] = []
+    parked: list[dict[str, Any]] = []
+    for event in events:
+        version = book.version_at(event.model, event.occurred_at)
+        if version is None:
+            parked.append(
+                {
+                    "id": event.id,
+                    "status": EventStatus.UNPRICED,
+                    "model_id": book.model_id(event.model),
+                }
+            )
+            continue
+        cost = price_usage(event.counts, version.price)
+        charges[event.account_id] += cost.total_nanos
+        priced.append((event, version, cost))
+    entries = _charge(session, charges, batch=uuid.uuid4().hex, now=now)
+    settled = [
+        {
+            "id": event.id,
+            "status": EventStatus.SETTLED,
+            "model_id": version.model_id,
+            "price_version_id": version.id,
+            "cost_nanos": cost.total_nanos,
+            "cost_breakdown": cost.breakdown(),
+            "ledger_entry_id": entries.get(event.account_id) if cost.total_nanos else None,
+            "settled_at": now,
+        }
+        for event, version, cost in priced
+    ]
+    session.execute(update(UsageEvent), settled + parked)
+    rollups.add(session, ((event, version.model_id, cost) for event, version, cost in priced))
+    keys.refresh_keys_of(session, sorted(charges), reason="usage settled", now=now)
+    return BatchResult(len(events), len(priced), len(parked), len(entries))
+
+
+def _charge(
+    session: Session, charges: dict[str, Nanos], *, batch: str, now: dt.datetime
+) -> dict[str, int]:
+    """One usage entry per account with a non-zero charge, in account order; entry ids."""
+    entries = {}
+    for account_id in sorted(charges):
+        amount = charges[account_id]
+        if amount == 0:
+            continue
+        entry = ledger.post_usage(
+            session, account_id=account_id, amount_nanos=amount, batch=batch, now=now
+        )
+        entries[account_id] = entry.id
+    return entries
+
+
+def release_unpriced(session: Session) -> int:
+    """Return every unpriced event to pending, to be priced again; how many were released.
+
+    Called when a price or alias is added. Events whose model is still unpriced are parked
+    again by the next batch.
+    """
+    result = session.execute(
+        update(UsageEvent)
+        .where(UsageEvent.status == EventStatus.UNPRICED)
+        .values(status=EventStatus.PENDING)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class UnpricedModel:
+    """A model name that usage was reported for and that has no price at the time of use."""
+
+    model: str
+    events: int
+    first_occurred_at: dt.datetime
+    last_occurred_at: dt.datetime
+
+
+def unpriced_models(session: Session) -> list[UnpricedModel]:
+    """Models with parked usage, most events first."""
+    rows = session.execute(
+        select(
+            UsageEvent.model,
+            func.count(),
+            func.min(UsageEvent.occurred_at),
+            func.max(UsageEvent.occurred_at),
+        )
+        .where(UsageEvent.status == EventStatus.UNPRICED)
+        .group_by(UsageEvent.model)
+        .order_by(func.count().desc(), UsageEvent.model)
+    )
+    return [UnpricedModel(model, count, first, last) for model, count, first, last in rows]
+
+
+@dataclass(frozen=True)
+class CostMismatch:
+    """A charge (an event's, or a usage entry's) that differs from an independent recomputation."""
+
+    subject: str
+    charged_nanos: Nanos | None
+    recomputed_nanos: Nanos | None
+
+    def __str__(self) -> str:
+        charged, recomputed = self.charged_nanos, self.recomputed_nanos
+        return f"{self.subject}: charged {charged}, recomputed {recomputed} nano-USD"
+
+
+def verify_costs(session: Session, *, chunk: int = 5000) -> list[CostMismatch]:
+    """Recompute every settled event's cost from its raw report and the price table.
+
+    Independent of what settlement stored: the usage is normalised again from the raw report
+    when there is one, and the version is looked up again by ``occurred_at``.
+    """
+    mismatches = [
+        CostMismatch(f"ledger entry {entry_id}", -amount, charged)
+        for entry_id, amount, charged in _entries_against_events(session)
+    ]
+    after = 0
+    while True:
+        events = list(
+            session.scalars(
+                select(UsageEvent)
+                .where(UsageEvent.status == EventStatus.SETTLED, UsageEvent.id > after)
+                .order_by(UsageEvent.id)
+                .limit(chunk)
+            )
+        )
+        if not events:
+            return mismatches
+        book = PriceBook(session, (event.model for event in events))
+        for event in events:
+            raw = event.usage_raw
+            counts = normalise_usage(raw) if raw is not None else event.counts
+            version = book.version_at(event.model, event.occurred_at)
+            recomputed = None if version is None else price_usage(counts, version.price).total_nanos
+            same_version = version is not None and version.id == event.price_version_id
+            if recomputed != event.cost_nanos or not same_version:
+                mismatches.append(
+                    CostMismatch(f"event {event.request_id}", event.cost_nanos, recomputed)
+                )
+        after = events[-1].id
+        session.expunge_all()
+
+
+def _entries_against_events(session: Session) -> list[tuple[int, Nanos, Nanos]]:
+    """Usage entries whose amount is not minus the sum of the events charged to them."""
+    charged = (
+        select(UsageEvent.ledger_entry_id, func.sum(UsageEvent.cost_nanos).label("total"))
+        .where(UsageEvent.ledger_entry_id.is_not(None))
+        .group_by(UsageEvent.ledger_entry_id)
+        .subquery()
+    )
+    total = func.coalesce(charged.c.total, 0)
+    rows = session.execute(
+        select(ledger.LedgerEntry.id, ledger.LedgerEntry.amount_nanos, total)
+        .outerjoin(charged, charged.c.ledger_entry_id == ledger.LedgerEntry.id)
+        .where(
+            ledger.LedgerEntry.kind == ledger.EntryKind.USAGE,
+            -ledger.LedgerEntry.amount_nanos != total,
+        )
+    )
+    return [(entry_id, amount, int(total)) for entry_id, amount, total in rows]

@@ -1,0 +1,410 @@
+"""Usage events: durable ingest of what the gateway reports (DESIGN sections 4 and 6.2).
+
+Invariants:
+- An event answered "accepted" is committed before the answer (the caller commits before it
+  replies 202) and is never lost: settlement only ever changes its status, never deletes it.
+- ``request_id`` is the idempotency key (a unique index). A repeat with the same content is a
+  duplicate; the same request id with other content is refused as a conflict. Content is what
+  the gateway reported, so a retry that omits ``occurred_at`` is still the same event.
+- One bad item never sinks the good ones of its batch: each is judged on its own.
+- Usage of a known key is accepted whatever the key's state now: the tokens were spent upstream
+  (a key revoked after its request began is still charged).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Index,
+    Integer,
+    String,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.schema import ForeignKey
+
+from billing.db import Base, BigIntId
+from billing.effects import mark_usage_pending
+from billing.errors import BillingError, InvalidRequest
+from billing.keys import ApiKey
+from billing.tokens import keyed_hash
+from billing.usage import TokenCounts, normalise_usage, token_counts
+
+MAX_BATCH = 1000
+# How far ahead of our clock a reported occurred_at may be (clock skew between hosts).
+MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+class Outcome(enum.StrEnum):
+    """How the upstream request ended. Usage is billed whatever the outcome."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CLIENT_DISCONNECTED = "client_disconnected"
+
+
+class EventStatus(enum.StrEnum):
+    """Where an event is in settlement."""
+
+    PENDING = "pending"
+    SETTLED = "settled"
+    UNPRICED = "unpriced"
+
+
+class UsageEvent(Base):
+    """One request's usage, as reported, and once settled its price and ledger entry."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        CheckConstraint(
+            "input_tokens >= 0 AND cached_tokens >= 0 AND output_tokens >= 0"
+            " AND reasoning_tokens >= 0 AND cached_tokens <= input_tokens"
+            " AND reasoning_tokens <= output_tokens",
+            name="token_subsets",
+        ),
+        CheckConstraint("status IN ('pending', 'settled', 'unpriced')", name="status_known"),
+        CheckConstraint(
+            "(status = 'settled') = (cost_nanos IS NOT NULL AND price_version_id IS NOT NULL"
+            " AND settled_at IS NOT NULL)",
+            name="settled_has_price",
+        ),
+        CheckConstraint(
+            "cost_nanos IS NULL OR cost_nanos = 0 OR ledger_entry_id IS NOT NULL",
+            name="charged_has_entry",
+        ),
+        Index(
+            "ix_usage_events_pending",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_usage_events_unpriced",
+            "model",
+            postgresql_where=text("status = 'unpriced'"),
+            sqlite_where=text("status = 'unpriced'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(200), unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(128))
+    usage_raw: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(24))
+    occurred_at: Mapped[dt.datetime]
+    received_at: Mapped[dt.datetime]
+    status: Mapped[str] = mapped_column(String(12), default=EventStatus.PENDING)
+    model_id: Mapped[str | None] = mapped_column(String(128))
+    price_version_id: Mapped[int | None] = mapped_column(ForeignKey("price_versions.id"))
+    cost_nanos: Mapped[int | None] = mapped_column(BigInteger)
+    cost_breakdown: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    ledger_entry_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), ForeignKey("ledger_entries.id")
+    )
+    settled_at: Mapped[dt.datetime | None]
+
+    @property
+    def counts(self) -> TokenCounts:
+        """The normalised token counts."""
+        return TokenCounts(
+            self.input_tokens, self.cached_tokens, self.output_tokens, self.reasoning_tokens
+        )
+
+
+class UnknownKey(BillingError):
+    """The event names a key we do not know."""
+
+    status = 400
+    code = "invalid_api_key"
+
+
+class RequestIdConflict(BillingError):
+    """The request id was already used for an event with other content."""
+
+    status = 409
+    code = "request_id_conflict"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One item refused, with the error the gateway can act on."""
+
+    index: int
+    request_id: str | None
+    error: BillingError
+
+    def as_dict(self) -> dict[str, Any]:
+        """The item as the API reports it."""
+        error = {"message": self.error.message, "code": self.error.code, "param": self.error.param}
+        return {"index": self.index, "request_id": self.request_id, "error": error}
+
+
+@dataclass
+class IngestResult:
+    """What became of each item of a report."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Draft:
+    index: int
+    request_id: str
+    key_secret: str | None
+    key_id: str | None
+    model: str
+    counts: TokenCounts
+    usage_raw: Mapping[str, Any] | None
+    occurred_at: dt.datetime | None
+    outcome: Outcome
+
+
+def _field(item: Mapping[str, Any], name: str, prefix: str) -> str | None:
+    value = item.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise InvalidRequest(f"{prefix}{name} must be a non-empty string.", param=prefix + name)
+    return value
+
+
+def _parse(index: int, item: Any, prefix: str, now: dt.datetime) -> _Draft:
+    if not isinstance(item, Mapping):
+        raise InvalidRequest(f"{prefix or 'body'} must be a JSON object.", param=prefix or None)
+    request_id = _field(item, "request_id", prefix)
+    if request_id is None:
+        raise InvalidRequest(f"{prefix}request_id is required.", param=prefix + "request_id")
+    secret, key_id = _field(item, "api_key", prefix), _field(item, "key_id", prefix)
+    if (secret is None) == (key_id is None):
+        raise InvalidRequest(
+            f"Send exactly one of {prefix}api_key and {prefix}key_id.", param=prefix + "api_key"
+        )
+    model = _field(item, "model", prefix)
+    if model is None:
+        raise InvalidRequest(f"{prefix}model is required.", param=prefix + "model")
+    flat = [
+        name
+        for name in ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
+        if name in item
+    ]
+    usage = item.get("usage")
+    if usage is not None and flat:
+        raise InvalidRequest(
+            f"Send either {prefix}usage or the token fields, not both.", param=prefix + "usage"
+        )
+    if usage is not None:
+        if not isinstance(usage, Mapping):
+            raise InvalidRequest(f"{prefix}usage must be a JSON object.", param=prefix + "usage")
+        counts = normalise_usage(usage, param=prefix + "usage")
+    elif flat:
+        counts = token_counts(
+            item.get("input_tokens", 0),
+            item.get("cached_tokens", 0),
+            item.get("output_tokens", 0),
+            item.get("reasoning_tokens", 0),
+            param_prefix=prefix,
+        )
+    else:
+        raise InvalidRequest(
+            f"{prefix}usage (or input_tokens and output_tokens) is required.",
+            param=prefix + "usage",
+        )
+    return _Draft(
+        index=index,
+        request_id=request_id,
+        key_secret=secret,
+        key_id=key_id,
+        model=model,
+        counts=counts,
+        usage_raw=usage,
+        occurred_at=_occurred_at(item.get("occurred_at"), prefix, now),
+        outcome=_outcome(item.get("outcome"), prefix),
+    )
+
+
+def _occurred_at(value: Any, prefix: str, now: dt.datetime) -> dt.datetime | None:
+    if value is None:
+        return None
+    param = prefix + "occurred_at"
+    try:
+        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidRequest(
+            f"{param} must be an RFC 3339 time with a UTC offset, such as 2026-11-22T10:00:00Z.",
+            param=param,
+        )
+    if moment > now + MAX_CLOCK_SKEW:
+        raise InvalidRequest(f"{param} is in the future.", param=param)
+    return moment.astimezone(dt.UTC)
+
+
+def _outcome(value: Any, prefix: str) -> Outcome:
+    if value is None:
+        return Outcome.COMPLETED
+    try:
+        return Outcome(value)
+    except ValueError:
+        choices = ", ".join(outcome.value for outcome in Outcome)
+        raise InvalidRequest(
+            f"{prefix}outcome must be one of {choices}.", param=prefix + "outcome"
+        ) from None
+
+
+def _content_hash(draft: _Draft, key_id: str) -> str:
+    """What the gateway reported, canonically: equal for a retry, different for other content."""
+    occurred = draft.occurred_at.isoformat() if draft.occurred_at else None
+    counts = draft.counts
+    content = [
+        key_id,
+        draft.model,
+        counts.input_tokens,
+        counts.cached_tokens,
+        counts.output_tokens,
+        counts.reasoning_tokens,
+        occurred,
+        draft.outcome.value,
+    ]
+    return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()
+
+
+def ingest(
+    session: Session, items: Sequence[Any], *, prefix_items: bool, hmac_key: bytes, now: dt.datetime
+) -> IngestResult:
+    """Validate and durably store reported events; the caller commits before answering.
+
+    ``prefix_items`` names fields as ``events[i].field`` (a batch) rather than ``field``.
+    """
+    result = IngestResult()
+    drafts: list[_Draft] = []
+    for index, item in enumerate(items):
+        prefix = f"events[{index}]." if prefix_items else ""
+        try:
+            drafts.append(_parse(index, item, prefix, now))
+        except BillingError as error:
+            request_id = item.get("request_id") if isinstance(item, Mapping) else None
+            result.rejected.append(
+                Rejection(index, request_id if isinstance(request_id, str) else None, error)
+            )
+    owners = _resolve_keys(session, drafts, hmac_key)
+    rows: dict[str, dict[str, Any]] = {}
+    for draft in drafts:
+        owner = owners.get(draft.key_secret or draft.key_id or "")
+        if owner is None:
+            which = "api_key" if draft.key_secret else "key_id"
+            prefix = f"events[{draft.index}]." if prefix_items else ""
+            unknown = UnknownKey(f"{prefix}{which} names no key.", param=prefix + which)
+            result.rejected.append(Rejection(draft.index, draft.request_id, unknown))
+            continue
+        key_id, account_id = owner
+        content_hash = _content_hash(draft, key_id)
+        earlier = rows.get(draft.request_id)
+        if earlier is not None:
+            _judge_repeat(result, draft, earlier["content_hash"], content_hash)
+            continue
+        rows[draft.request_id] = {
+            "request_id": draft.request_id,
+            "content_hash": content_hash,
+            "account_id": account_id,
+            "key_id": key_id,
+            "model": draft.model,
+            "usage_raw": draft.usage_raw,
+            "input_tokens": draft.counts.input_tokens,
+            "cached_tokens": draft.counts.cached_tokens,
+            "output_tokens": draft.counts.output_tokens,
+            "reasoning_tokens": draft.counts.reasoning_tokens,
+            "outcome": draft.outcome.value,
+            "occurred_at": draft.occurred_at or now,
+            "received_at": now,
+            "status": EventStatus.PENDING.value,
+            "_index": draft.index,
+        }
+    if rows:
+        inserted = _insert_new(session, list(rows.values()))
+        repeats = [row for request_id, row in rows.items() if request_id not in inserted]
+        result.accepted += len(inserted)
+        if inserted:
+            mark_usage_pending(session)
+        if repeats:
+            stored = dict(
+                session.execute(
+                    select(UsageEvent.request_id, UsageEvent.content_hash).where(
+                        UsageEvent.request_id.in_([row["request_id"] for row in repeats])
+                    )
+                ).tuples()
+            )
+            for row in repeats:
+                _judge_repeat(result, row, stored[row["request_id"]], row["content_hash"])
+    result.rejected.sort(key=lambda rejection: rejection.index)
+    return result
+
+
+def _judge_repeat(
+    result: IngestResult, item: _Draft | dict[str, Any], stored: str, new: str
+) -> None:
+    if stored == new:
+        result.duplicates += 1
+        return
+    index = item.index if isinstance(item, _Draft) else item["_index"]
+    request_id = item.request_id if isinstance(item, _Draft) else item["request_id"]
+    error = RequestIdConflict(
+        f"request_id {request_id!r} was already reported with different content.",
+        param="request_id",
+    )
+    result.rejected.append(Rejection(index, request_id, error))
+
+
+def _resolve_keys(
+    session: Session, drafts: list[_Draft], hmac_key: bytes
+) -> dict[str, tuple[str, str]]:
+    """(key id, account id) by the secret or key id each draft named, in one query."""
+    by_hash = {keyed_hash(hmac_key, d.key_secret): d.key_secret for d in drafts if d.key_secret}
+    ids = {d.key_id for d in drafts if d.key_id}
+    if not by_hash and not ids:
+        return {}
+    rows = session.execute(
+        select(ApiKey.id, ApiKey.account_id, ApiKey.key_hash).where(
+            ApiKey.key_hash.in_(by_hash) | ApiKey.id.in_(ids)
+        )
+    )
+    owners: dict[str, tuple[str, str]] = {}
+    for key_id, account_id, key_hash in rows:
+        if key_hash in by_hash:
+            owners[by_hash[key_hash]] = (key_id, account_id)
+        if key_id in ids:
+            owners[key_id] = (key_id, account_id)
+    return owners
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert rows whose request id is new; returns the request ids inserted."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(UsageEvent)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(UsageEvent.request_id)
+    )
+    values = [{k: v for k, v in row.items() if k != "_index"} for row in rows]
+    return set(session.scalars(statement, values))
