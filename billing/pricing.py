@@ -90,6 +90,16 @@ class Cost:
         """The unrounded cost: the sum of the four parts, in femto-dollars."""
         return self.input_femtos + self.cached_femtos + self.output_femtos + self.reasoning_femtos
 
+    def parts(self) -> dict[str, int]:
+        """The exact parts in femto-dollars (1e-15 USD) and the total in nano-dollars."""
+        return {
+            "input_femtos": self.input_femtos,
+            "cached_femtos": self.cached_femtos,
+            "output_femtos": self.output_femtos,
+            "reasoning_femtos": self.reasoning_femtos,
+            "total_nanos": self.total_nanos,
+        }
+
     def breakdown(self) -> dict[str, str]:
         """The parts as exact USD strings and the charged total as a nine-place USD string."""
         return {

@@ -11,7 +11,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import BigInteger, Date, ForeignKey, String, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,7 +23,6 @@ from billing.money import Nanos
 
 if TYPE_CHECKING:
     from billing.pricing import Cost
-    from billing.usage_events import UsageEvent
 
 COUNTERS = (
     "requests",
@@ -53,7 +52,26 @@ class UsageRollup(Base):
     cost_nanos: Mapped[int] = mapped_column(BigInteger)
 
 
-def add(session: Session, priced: Iterable[tuple[UsageEvent, str, Cost]]) -> None:
+class SettledUsage(Protocol):
+    """What a rollup needs of a settled event."""
+
+    @property
+    def account_id(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def occurred_at(self) -> dt.datetime: ...
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def reasoning_tokens(self) -> int: ...
+
+
+def add(session: Session, priced: Iterable[tuple[SettledUsage, str, Cost]]) -> None:
     """Add settled events (with their model id and cost) to their rollups."""
     totals: dict[tuple[str, str, str, dt.date], list[int]] = defaultdict(lambda: [0] * 6)
     for event, model_id, cost in priced:

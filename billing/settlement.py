@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from billing import catalog, keys, ledger, rollups
 from billing.catalog import PriceVersion
 from billing.money import Nanos
-from billing.pricing import Cost, price_usage
-from billing.usage import normalise_usage
-from billing.usage_events import EventStatus, UsageEvent
+from billing.pricing import Cost, Price, price_usage
+from billing.usage import TokenCounts, normalise_usage
+from billing.usage_events import EVENTS, EventStatus, UsageEvent
 
 BATCH_SIZE = 1000
 
@@ -66,10 +67,17 @@ class PriceBook:
             model_id: [version.effective_from for version in versions]
             for model_id, versions in self._versions.items()
         }
+        self._prices: dict[int, Price] = {}
 
     def model_id(self, name: str) -> str | None:
         """The canonical id of a reported model name, or None if it names no model."""
         return self._model_ids.get(name)
+
+    def price(self, version: PriceVersion) -> Price:
+        """The prices of ``version``, built once per batch."""
+        if version.id not in self._prices:
+            self._prices[version.id] = version.price
+        return self._prices[version.id]
 
     def version_at(self, name: str, at: dt.datetime) -> PriceVersion | None:
         """The version in effect at ``at`` for the model ``name`` resolves to, or None."""
@@ -80,16 +88,37 @@ class PriceBook:
         return self._versions[model_id][position - 1] if position else None
 
 
-def claim(session: Session, limit: int) -> list[UsageEvent]:
+class Claimed(NamedTuple):
+    """What settlement needs of a pending event (not its raw report)."""
+
+    id: int
+    account_id: str
+    key_id: str
+    model: str
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    occurred_at: dt.datetime
+
+    @property
+    def counts(self) -> TokenCounts:
+        return TokenCounts(
+            self.input_tokens, self.cached_tokens, self.output_tokens, self.reasoning_tokens
+        )
+
+
+def claim(session: Session, limit: int) -> list[Claimed]:
     """Lock up to ``limit`` pending events, oldest first, skipping those another worker holds."""
+    columns = EVENTS.c
     query = (
-        select(UsageEvent)
-        .where(UsageEvent.status == EventStatus.PENDING)
-        .order_by(UsageEvent.id)
+        select(*(columns[name] for name in Claimed._fields))
+        .where(columns.status == EventStatus.PENDING)
+        .order_by(columns.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return list(session.scalars(query))
+    return [Claimed(*row) for row in session.execute(query).all()]
 
 
 def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE) -> BatchResult:
@@ -99,40 +128,90 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
         return BatchResult(0, 0, 0, 0)
     book = PriceBook(session, (event.model for event in events))
     charges: dict[str, Nanos] = defaultdict(int)
-    priced: list[tuple[UsageEvent, PriceVersion, Cost]] = []
-    parked: list[dict[str, Any]] = []
+    priced: list[tuple[Claimed, PriceVersion, Cost]] = []
+    parked: list[Claimed] = []
     for event in events:
         version = book.version_at(event.model, event.occurred_at)
         if version is None:
-            parked.append(
-                {
-                    "id": event.id,
-                    "status": EventStatus.UNPRICED,
-                    "model_id": book.model_id(event.model),
-                }
-            )
+            parked.append(event)
             continue
-        cost = price_usage(event.counts, version.price)
+        cost = price_usage(event.counts, book.price(version))
         charges[event.account_id] += cost.total_nanos
         priced.append((event, version, cost))
     entries = _charge(session, charges, batch=uuid.uuid4().hex, now=now)
-    settled = [
-        {
-            "id": event.id,
-            "status": EventStatus.SETTLED,
-            "model_id": version.model_id,
-            "price_version_id": version.id,
-            "cost_nanos": cost.total_nanos,
-            "cost_breakdown": cost.breakdown(),
-            "ledger_entry_id": entries.get(event.account_id) if cost.total_nanos else None,
-            "settled_at": now,
-        }
+    rows: list[tuple[Any, ...]] = [
+        (
+            event.id,
+            EventStatus.SETTLED.value,
+            version.model_id,
+            version.id,
+            cost.total_nanos,
+            cost.parts(),
+            entries.get(event.account_id) if cost.total_nanos else None,
+            now,
+        )
         for event, version, cost in priced
     ]
-    session.execute(update(UsageEvent), settled + parked)
+    rows += [
+        (
+            event.id,
+            EventStatus.UNPRICED.value,
+            book.model_id(event.model),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        for event in parked
+    ]
+    _write_outcomes(session, rows)
     rollups.add(session, ((event, version.model_id, cost) for event, version, cost in priced))
     keys.refresh_keys_of(session, sorted(charges), reason="usage settled", now=now)
     return BatchResult(len(events), len(priced), len(parked), len(entries))
+
+
+OUTCOME_COLUMNS = (
+    "id",
+    "status",
+    "model_id",
+    "price_version_id",
+    "cost_nanos",
+    "cost_breakdown",
+    "ledger_entry_id",
+    "settled_at",
+)
+# One statement for the whole batch: the outcomes travel as one JSON document, which
+# PostgreSQL turns back into rows (far cheaper than a statement, or an array, per column).
+_PG_OUTCOMES = text(
+    """
+    UPDATE usage_events AS e
+    SET status = v.status, model_id = v.model_id, price_version_id = v.price_version_id,
+        cost_nanos = v.cost_nanos, cost_breakdown = v.cost_breakdown,
+        ledger_entry_id = v.ledger_entry_id, settled_at = v.settled_at
+    FROM json_to_recordset(CAST(:outcomes AS json)) AS v(
+        id bigint, status varchar, model_id varchar, price_version_id bigint,
+        cost_nanos bigint, cost_breakdown json, ledger_entry_id bigint, settled_at timestamptz
+    )
+    WHERE e.id = v.id
+    """
+)
+
+
+def _write_outcomes(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """Store each event's settlement outcome (rows in ``OUTCOME_COLUMNS`` order)."""
+    if session.get_bind().dialect.name == "postgresql":
+        document = [dict(zip(OUTCOME_COLUMNS, row, strict=True)) for row in rows]
+        session.execute(_PG_OUTCOMES, {"outcomes": json.dumps(document, default=str)})
+        return
+    statement = (
+        update(EVENTS)
+        .where(EVENTS.c.id == bindparam("event_id"))
+        .values({name: bindparam(name) for name in OUTCOME_COLUMNS[1:]})
+    )
+    session.execute(
+        statement, [dict(zip(("event_id", *OUTCOME_COLUMNS[1:]), row, strict=True)) for row in rows]
+    )
 
 
 def _charge(
@@ -231,7 +310,9 @@ def verify_costs(session: Session, *, chunk: int = 5000) -> list[CostMismatch]:
             raw = event.usage_raw
             counts = normalise_usage(raw) if raw is not None else event.counts
             version = book.version_at(event.model, event.occurred_at)
-            recomputed = None if version is None else price_usage(counts, version.price).total_nanos
+            recomputed = (
+                None if version is None else price_usage(counts, book.price(version)).total_nanos
+            )
             same_version = version is not None and version.id == event.price_version_id
             if recomputed != event.cost_nanos or not same_version:
                 mismatches.append(

@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -28,10 +28,11 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.schema import ForeignKey
 
@@ -130,6 +131,9 @@ class UsageEvent(Base):
         )
 
 
+EVENTS = cast(Table, UsageEvent.__table__)
+
+
 class UnknownKey(BillingError):
     """The event names a key we do not know."""
 
@@ -191,7 +195,8 @@ def _field(item: Mapping[str, Any], name: str, prefix: str) -> str | None:
 
 def _parse(index: int, item: Any, prefix: str, now: dt.datetime) -> _Draft:
     if not isinstance(item, Mapping):
-        raise InvalidRequest(f"{prefix or 'body'} must be a JSON object.", param=prefix or None)
+        where = prefix.removesuffix(".")  # "events[3]", not "events[3]."
+        raise InvalidRequest(f"{where or 'body'} must be a JSON object.", param=where or None)
     request_id = _field(item, "request_id", prefix)
     if request_id is None:
         raise InvalidRequest(f"{prefix}request_id is required.", param=prefix + "request_id")
@@ -277,7 +282,7 @@ def _content_hash(draft: _Draft, key_id: str) -> str:
     """What the gateway reported, canonically: equal for a retry, different for other content."""
     occurred = draft.occurred_at.isoformat() if draft.occurred_at else None
     counts = draft.counts
-    content = [
+    content = (
         key_id,
         draft.model,
         counts.input_tokens,
@@ -286,8 +291,9 @@ def _content_hash(draft: _Draft, key_id: str) -> str:
         counts.reasoning_tokens,
         occurred,
         draft.outcome.value,
-    ]
-    return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()
+    )
+    # The repr of a tuple of str, int and None is canonical and much cheaper than JSON.
+    return hashlib.sha256(repr(content).encode()).hexdigest()
 
 
 def ingest(
@@ -348,13 +354,15 @@ def ingest(
         if inserted:
             mark_usage_pending(session)
         if repeats:
-            stored = dict(
-                session.execute(
+            # Rows unpack as (request_id, content_hash); Result.tuples() is deprecated in 2.1.
+            stored: dict[str, str] = {
+                request_id: content_hash
+                for request_id, content_hash in session.execute(
                     select(UsageEvent.request_id, UsageEvent.content_hash).where(
                         UsageEvent.request_id.in_([row["request_id"] for row in repeats])
                     )
-                ).tuples()
-            )
+                )
+            }
             for row in repeats:
                 _judge_repeat(result, row, stored[row["request_id"]], row["content_hash"])
     result.rejected.sort(key=lambda rejection: rejection.index)
@@ -380,7 +388,8 @@ def _resolve_keys(
     session: Session, drafts: list[_Draft], hmac_key: bytes
 ) -> dict[str, tuple[str, str]]:
     """(key id, account id) by the secret or key id each draft named, in one query."""
-    by_hash = {keyed_hash(hmac_key, d.key_secret): d.key_secret for d in drafts if d.key_secret}
+    secrets = {draft.key_secret for draft in drafts if draft.key_secret}
+    by_hash = {keyed_hash(hmac_key, secret): secret for secret in secrets}
     ids = {d.key_id for d in drafts if d.key_id}
     if not by_hash and not ids:
         return {}
@@ -398,13 +407,35 @@ def _resolve_keys(
     return owners
 
 
+# New events in one statement: the rows travel as one JSON document that PostgreSQL turns back
+# into rows (psycopg would otherwise parse a statement with a placeholder per value).
+_PG_INSERT = text(
+    """
+    INSERT INTO usage_events (request_id, content_hash, account_id, key_id, model, usage_raw,
+        input_tokens, cached_tokens, output_tokens, reasoning_tokens, outcome, occurred_at,
+        received_at, status)
+    SELECT request_id, content_hash, account_id, key_id, model, usage_raw, input_tokens,
+        cached_tokens, output_tokens, reasoning_tokens, outcome, occurred_at, received_at, status
+    FROM json_to_recordset(CAST(:rows AS json)) AS r(
+        request_id varchar, content_hash varchar, account_id varchar, key_id varchar,
+        model varchar, usage_raw json, input_tokens bigint, cached_tokens bigint,
+        output_tokens bigint, reasoning_tokens bigint, outcome varchar, occurred_at timestamptz,
+        received_at timestamptz, status varchar
+    )
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
+    """
+)
+
+
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """Insert rows whose request id is new; returns the request ids inserted."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = (
-        dialect.insert(UsageEvent)
-        .on_conflict_do_nothing(index_elements=["request_id"])
-        .returning(UsageEvent.request_id)
-    )
     values = [{k: v for k, v in row.items() if k != "_index"} for row in rows]
+    if session.get_bind().dialect.name == "postgresql":
+        return set(session.scalars(_PG_INSERT, {"rows": json.dumps(values, default=str)}))
+    statement = (
+        sqlite.insert(EVENTS)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(EVENTS.c.request_id)
+    )
     return set(session.scalars(statement, values))
