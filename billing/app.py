@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     from billing.api import SECURITY_SCHEMES, register
+    from billing.api.schemas import ErrorOut
 
     app = OpenAPI(
         __name__,
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         security_schemes=SECURITY_SCHEMES,
         doc_prefix="/docs",
         validation_error_status=400,
+        validation_error_model=ErrorOut,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in schema order
     engine = make_engine(settings.sqlalchemy_url)

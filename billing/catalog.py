@@ -3,8 +3,9 @@
 Invariants:
 - A price version is immutable. A price change is a new version with a later ``effective_from``;
   an event is priced at the version in effect at its ``occurred_at``.
-- A new version never reprices the past: it may take effect before now only for a model that has
-  no price yet (so that events parked as unpriced can be priced); otherwise it starts now or later.
+- A new version never reprices the past: it may take effect before now only from an instant at
+  which the model had no price (so that usage parked as unpriced can be priced); otherwise it
+  starts now or later.
 - Model names resolve as: exact id, then an alias, then a dated snapshot name
   (``doubao-seed-2-0-code-preview-260215``) resolved to the base it extends.
 """
@@ -178,9 +179,9 @@ def add_price_version(
 ) -> PriceVersion:
     """Add a price version, creating the model on first use.
 
-    Raises InvalidRequest for a bad id, bad prices, or a backdated version of a model that
-    already has a price (that would reprice the past); Conflict if a version of that model
-    already starts at that instant.
+    Raises InvalidRequest for a bad id, bad prices, or a version starting in the past at an
+    instant the model already had a price (that would reprice settled usage); Conflict if a
+    version of that model already starts at that instant.
     """
     if not MODEL_ID.match(model_id):
         raise InvalidRequest(
@@ -196,10 +197,11 @@ def add_price_version(
     starts = effective_from or now
     if session.get(Model, model_id) is None:
         session.add(Model(id=model_id, created_at=now))
-    elif starts < now and price_version_at(session, model_id, now) is not None:
+    elif starts < now and price_version_at(session, model_id, starts) is not None:
         raise InvalidRequest(
-            "effective_from is in the past, and this model already has a price: a new version "
-            "would reprice settled usage. Omit effective_from, or give a time from now on.",
+            "effective_from is in the past, at a time this model already had a price: a new "
+            "version would reprice settled usage. Omit effective_from, or give a time from now "
+            "on, or one before the model's first price.",
             param="effective_from",
         )
     if session.scalar(

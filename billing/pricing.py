@@ -102,13 +102,18 @@ class Cost:
 
     def breakdown(self) -> dict[str, str]:
         """The parts as exact USD strings and the charged total as a nine-place USD string."""
-        return {
-            "input_usd": format_femto_usd(self.input_femtos),
-            "cached_usd": format_femto_usd(self.cached_femtos),
-            "output_usd": format_femto_usd(self.output_femtos),
-            "reasoning_usd": format_femto_usd(self.reasoning_femtos),
-            "total_usd": format_usd(self.total_nanos),
-        }
+        return breakdown_usd(self.parts())
+
+
+def breakdown_usd(parts: dict[str, int]) -> dict[str, str]:
+    """Stored parts (see :meth:`Cost.parts`) as exact USD strings, for people to read."""
+    return {
+        "input_usd": format_femto_usd(parts["input_femtos"]),
+        "cached_usd": format_femto_usd(parts["cached_femtos"]),
+        "output_usd": format_femto_usd(parts["output_femtos"]),
+        "reasoning_usd": format_femto_usd(parts["reasoning_femtos"]),
+        "total_usd": format_usd(parts["total_nanos"]),
+    }
 
 
 def price_usage(counts: TokenCounts, price: Price) -> Cost:

@@ -137,6 +137,10 @@ class UsageQuery:
 
 def report(session: Session, query: UsageQuery) -> list[dict[str, Any]]:
     """Usage totals per group, ordered by the groups; raises InvalidRequest for a bad group."""
+    if not query.group_by:  # else the sums of no rows are NULL, and int(None) fails
+        raise InvalidRequest(
+            f"group_by must name at least one of {', '.join(GROUPS)}.", param="group_by"
+        )
     unknown = [name for name in query.group_by if name not in GROUPS]
     if unknown:
         raise InvalidRequest(

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import secrets
 import string
+import threading
 import time
 
 # In ASCII order, so that ids (whose leading digits encode the time) sort in creation order.
@@ -27,18 +28,31 @@ def new_secret(prefix: str) -> str:
     return prefix + random_base62(SECRET_LENGTH)
 
 
+def _base62(number: int, width: int) -> str:
+    digits = ""
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        digits = BASE62[digit] + digits
+    return digits
+
+
+_clock_lock = threading.Lock()
+_last_tick = 0
+
+
 def new_id(prefix: str) -> str:
     """A public id such as ``acct_`` + 22 base62 characters, sorting in creation order.
 
-    The first eight characters encode the creation millisecond, so ordering by id is ordering
-    by creation time: lists paginate on the primary key alone.
+    Eight characters of creation millisecond and three of sequence within it come first, so
+    ordering by id is ordering by creation time (strictly, within one process): lists
+    paginate on the primary key alone. Eleven random characters follow.
     """
-    millis = time.time_ns() // 1_000_000
-    stamp = ""
-    for _ in range(8):
-        millis, digit = divmod(millis, 62)
-        stamp = BASE62[digit] + stamp
-    return f"{prefix}_{stamp}{random_base62(14)}"
+    global _last_tick
+    with _clock_lock:
+        # 62**3 ticks per millisecond; never backwards, even if the wall clock is.
+        _last_tick = max(_last_tick + 1, (time.time_ns() // 1_000_000) * 62**3)
+        tick = _last_tick
+    return f"{prefix}_{_base62(tick, 11)}{random_base62(11)}"
 
 
 def keyed_hash(key: bytes, secret: str) -> str:

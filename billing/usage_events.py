@@ -38,7 +38,7 @@ from sqlalchemy.schema import ForeignKey
 
 from billing.db import Base, BigIntId
 from billing.effects import mark_usage_pending
-from billing.errors import BillingError, InvalidRequest
+from billing.errors import BillingError, InvalidRequest, NotFound
 from billing.keys import ApiKey
 from billing.tokens import keyed_hash
 from billing.usage import TokenCounts, normalise_usage, token_counts
@@ -117,7 +117,7 @@ class UsageEvent(Base):
     model_id: Mapped[str | None] = mapped_column(String(128))
     price_version_id: Mapped[int | None] = mapped_column(ForeignKey("price_versions.id"))
     cost_nanos: Mapped[int | None] = mapped_column(BigInteger)
-    cost_breakdown: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    cost_breakdown: Mapped[dict[str, int] | None] = mapped_column(JSON)
     ledger_entry_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), ForeignKey("ledger_entries.id")
     )
@@ -139,6 +139,18 @@ class UnknownKey(BillingError):
 
     status = 400
     code = "invalid_api_key"
+
+
+class EventNotFound(NotFound):
+    """No event has that request id."""
+
+
+def get_event(session: Session, request_id: str) -> UsageEvent:
+    """The event reported with ``request_id``; raises EventNotFound."""
+    event = session.scalars(select(UsageEvent).where(UsageEvent.request_id == request_id)).first()
+    if event is None:
+        raise EventNotFound(f"No usage event has request_id {request_id!r}.", param="request_id")
+    return event
 
 
 class RequestIdConflict(BillingError):
@@ -316,6 +328,7 @@ def ingest(
             )
     owners = _resolve_keys(session, drafts, hmac_key)
     rows: dict[str, dict[str, Any]] = {}
+    indexes: dict[str, int] = {}
     for draft in drafts:
         owner = owners.get(draft.key_secret or draft.key_id or "")
         if owner is None:
@@ -328,8 +341,16 @@ def ingest(
         content_hash = _content_hash(draft, key_id)
         earlier = rows.get(draft.request_id)
         if earlier is not None:
-            _judge_repeat(result, draft, earlier["content_hash"], content_hash)
+            _judge_repeat(
+                result,
+                draft.index,
+                draft.request_id,
+                earlier["content_hash"],
+                content_hash,
+                prefix_items,
+            )
             continue
+        indexes[draft.request_id] = draft.index
         rows[draft.request_id] = {
             "request_id": draft.request_id,
             "content_hash": content_hash,
@@ -345,11 +366,10 @@ def ingest(
             "occurred_at": draft.occurred_at or now,
             "received_at": now,
             "status": EventStatus.PENDING.value,
-            "_index": draft.index,
         }
     if rows:
         inserted = _insert_new(session, list(rows.values()))
-        repeats = [row for request_id, row in rows.items() if request_id not in inserted]
+        repeats = [request_id for request_id in rows if request_id not in inserted]
         result.accepted += len(inserted)
         if inserted:
             mark_usage_pending(session)
@@ -359,27 +379,29 @@ def ingest(
                 request_id: content_hash
                 for request_id, content_hash in session.execute(
                     select(UsageEvent.request_id, UsageEvent.content_hash).where(
-                        UsageEvent.request_id.in_([row["request_id"] for row in repeats])
+                        UsageEvent.request_id.in_(repeats)
                     )
                 )
             }
-            for row in repeats:
-                _judge_repeat(result, row, stored[row["request_id"]], row["content_hash"])
+            for request_id in repeats:
+                new = rows[request_id]["content_hash"]
+                _judge_repeat(
+                    result, indexes[request_id], request_id, stored[request_id], new, prefix_items
+                )
     result.rejected.sort(key=lambda rejection: rejection.index)
     return result
 
 
 def _judge_repeat(
-    result: IngestResult, item: _Draft | dict[str, Any], stored: str, new: str
+    result: IngestResult, index: int, request_id: str, stored: str, new: str, prefix_items: bool
 ) -> None:
+    """A request id seen before: a duplicate if the content is the same, else a conflict."""
     if stored == new:
         result.duplicates += 1
         return
-    index = item.index if isinstance(item, _Draft) else item["_index"]
-    request_id = item.request_id if isinstance(item, _Draft) else item["request_id"]
+    param = f"events[{index}].request_id" if prefix_items else "request_id"
     error = RequestIdConflict(
-        f"request_id {request_id!r} was already reported with different content.",
-        param="request_id",
+        f"{param} {request_id!r} was already reported with different content.", param=param
     )
     result.rejected.append(Rejection(index, request_id, error))
 
@@ -430,12 +452,11 @@ _PG_INSERT = text(
 
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[str]:
     """Insert rows whose request id is new; returns the request ids inserted."""
-    values = [{k: v for k, v in row.items() if k != "_index"} for row in rows]
     if session.get_bind().dialect.name == "postgresql":
-        return set(session.scalars(_PG_INSERT, {"rows": json.dumps(values, default=str)}))
+        return set(session.scalars(_PG_INSERT, {"rows": json.dumps(rows, default=str)}))
     statement = (
         sqlite.insert(EVENTS)
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(EVENTS.c.request_id)
     )
-    return set(session.scalars(statement, values))
+    return set(session.scalars(statement, rows))

@@ -64,7 +64,7 @@ def embedded_server(tmp_path: Path) -> Iterator[Server]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if requests.get(f"{base}/healthz", timeout=1).ok:
+                if requests.get(f"{base}/healthz", timeout=5).ok:
                     break
             except requests.ConnectionError:
                 pass

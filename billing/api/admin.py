@@ -12,7 +12,17 @@ from typing import Any
 from flask import Response, g, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from billing import accounts, audit, auth, catalog, keys, ledger, rollups, settlement
+from billing import (
+    accounts,
+    audit,
+    auth,
+    catalog,
+    keys,
+    ledger,
+    rollups,
+    settlement,
+    usage_events,
+)
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.auth import Role, authenticate
@@ -349,6 +359,13 @@ def unpriced_usage() -> dict[str, Any]:
         "object": "list",
         "data": [render.unpriced(row).model_dump(mode="json") for row in rows],
     }
+
+
+@admin.get("/usage/events/<request_id>", tags=USAGE, responses={200: schemas.UsageEventOut})
+def get_usage_event(path: schemas.UsageEventPath) -> dict[str, Any]:
+    """One reported event: its tokens, status, and once settled its price and exact breakdown."""
+    row = usage_events.get_event(session(), path.request_id)
+    return render.usage_event(row).model_dump(mode="json")
 
 
 # Audit

@@ -37,10 +37,10 @@ def register_docs(app: OpenAPI, models: Iterable[type[BaseModel]]) -> None:
             app.components_schemas[name] = Schema(**definition)
         app.components_schemas[model.__name__] = Schema(**schema)
 
-    @app.get("/openapi.json")
+    @app.get("/openapi.json", doc_ui=False)
     def openapi_document() -> dict[str, Any]:
         return current_app.api_doc  # type: ignore[attr-defined,no-any-return]
 
-    @app.get("/")
+    @app.get("/", doc_ui=False)
     def index() -> Response:
         return redirect("/docs/swagger")

@@ -17,7 +17,9 @@ from billing.catalog import ModelListing
 from billing.keys import ENFORCEMENT, ApiKey
 from billing.ledger import LedgerEntry
 from billing.money import format_usd
+from billing.pricing import breakdown_usd
 from billing.settlement import UnpricedModel
+from billing.usage_events import UsageEvent
 
 
 def account(row: Account) -> schemas.AccountOut:
@@ -154,4 +156,28 @@ def unpriced(row: UnpricedModel) -> schemas.UnpricedModelOut:
         events=row.events,
         first_occurred_at=row.first_occurred_at,
         last_occurred_at=row.last_occurred_at,
+    )
+
+
+def usage_event(row: UsageEvent) -> schemas.UsageEventOut:
+    parts = row.cost_breakdown
+    return schemas.UsageEventOut(
+        request_id=row.request_id,
+        account_id=row.account_id,
+        key_id=row.key_id,
+        model=row.model,
+        model_id=row.model_id,
+        status=row.status,
+        outcome=row.outcome,
+        input_tokens=row.input_tokens,
+        cached_tokens=row.cached_tokens,
+        output_tokens=row.output_tokens,
+        reasoning_tokens=row.reasoning_tokens,
+        occurred_at=row.occurred_at,
+        received_at=row.received_at,
+        settled_at=row.settled_at,
+        price_version_id=row.price_version_id,
+        cost_usd=None if row.cost_nanos is None else format_usd(row.cost_nanos),
+        breakdown=None if parts is None else breakdown_usd(parts),
+        ledger_entry_id=row.ledger_entry_id,
     )

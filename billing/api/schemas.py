@@ -356,3 +356,31 @@ class UnpricedModelOut(BaseModel):
 class UnpricedList(BaseModel):
     object: Literal["list"] = "list"
     data: list[UnpricedModelOut]
+
+
+class UsageEventPath(BaseModel):
+    request_id: str
+
+
+class UsageEventOut(BaseModel):
+    object: Literal["usage_event"] = "usage_event"
+    request_id: str
+    account_id: str
+    key_id: str
+    model: str = Field(description="As reported.")
+    model_id: str | None = Field(description="The model it resolved to.")
+    status: Literal["pending", "settled", "unpriced"]
+    outcome: str
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    occurred_at: dt.datetime
+    received_at: dt.datetime
+    settled_at: dt.datetime | None
+    price_version_id: int | None
+    cost_usd: str | None
+    breakdown: dict[str, str] | None = Field(
+        description="input_usd, cached_usd, output_usd, reasoning_usd (exact) and total_usd."
+    )
+    ledger_entry_id: int | None

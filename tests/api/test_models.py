@@ -413,3 +413,30 @@ def test_a_malformed_alias_is_refused(admin: FlaskClient, body: dict[str, Any], 
     assert_error(
         admin.post(f"/admin/v1/models/{model_id}/aliases", json=body), 400, "invalid_request", param
     )
+
+
+def test_a_version_may_start_before_the_first_price_but_not_inside_a_priced_span(
+    admin: FlaskClient, db: Session
+) -> None:
+    # Priced from now on, with usage parked before: a version starting before the first price
+    # covers only that unpriced span, so it reprices nothing and is accepted.
+    first = add_version(admin, "priced-late", "1", "2")
+    assert first.status_code == 201, first.get_json()
+    earlier = (now() - dt.timedelta(days=10)).replace(microsecond=0)
+    response = add_version(admin, "priced-late", "1", "1", effective_from=earlier.isoformat())
+    assert response.status_code == 201, response.get_json()
+    version = catalog.price_version_at(db, "priced-late", earlier + dt.timedelta(days=1))
+    assert version is not None and version.output_nanos_per_m == 1_000_000_000
+    # Inside the span that now has a price, backdating is refused again.
+    assert_error(
+        add_version(
+            admin,
+            "priced-late",
+            "5",
+            "5",
+            effective_from=(earlier + dt.timedelta(days=1)).isoformat(),
+        ),
+        400,
+        "invalid_request",
+        "effective_from",
+    )
