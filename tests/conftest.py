@@ -172,24 +172,29 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def worker_command(name: str) -> list[str]:
+    """The command line of a real Celery worker process named ``name``."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "--pool=solo",
+        f"--hostname={name}@%h",
+        "--loglevel=INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
 def start_worker(
     settings: Settings, celery: Celery, *, name: str, log: Path
 ) -> subprocess.Popen[bytes]:
     """A real `celery worker` process, returned once it answers a ping."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "--pool=solo",
-            f"--hostname={name}@%h",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+        worker_command(name),
         env=worker_env(settings),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,

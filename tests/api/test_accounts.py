@@ -12,22 +12,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-ERROR_KEYS = {"message", "type", "param", "code"}
+from tests.support import assert_error
+
 USD = re.compile(r"-?[0-9]+\.[0-9]{9}")
 MONEY_FIELDS = ("balance_usd", "held_usd", "available_usd")
-
-
-def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-        if status == 400:  # a validation error names the field it refuses
-            assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def create(admin: FlaskClient, **fields: Any) -> dict[str, Any]:

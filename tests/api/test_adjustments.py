@@ -19,22 +19,9 @@ from billing.audit import AuditEntry
 from billing.auth import Role, create_token
 from billing.db import utcnow
 from billing.money import MAX_AMOUNT_NANOS, format_usd
+from tests.support import assert_error
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 NANOS_PER_USD = Decimal(10) ** 9
-
-
-def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-        if status == 400:  # a validation error names the field it refuses
-            assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def new_account(admin: FlaskClient, name: str = "ledger owner") -> str:

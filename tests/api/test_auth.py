@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -16,20 +15,7 @@ from billing.app import Runtime
 from billing.audit import AuditEntry
 from billing.auth import Role, create_token
 from billing.db import utcnow
-
-ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The response is an OpenAI-shaped error with this status and code."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
+from tests.support import ERROR_KEYS, assert_error
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from billing import catalog
 from billing.keys import ApiKey
+from tests.support import ERROR_KEYS
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 SEED = json.loads(catalog.default_price_file().read_text())
 
 

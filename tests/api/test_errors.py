@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-ERROR_KEYS = {"message", "type", "param", "code"}
+from tests.support import ERROR_KEYS
 
 
 def assert_error_shape(response: Any) -> dict[str, Any]:

@@ -16,22 +16,9 @@ from sqlalchemy.orm import Session
 from billing import keys
 from billing.app import Runtime
 from billing.keys import ApiKey, KeyStateChange
+from tests.support import assert_error
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 KEY_FORMAT = re.compile(r"sk-[0-9A-Za-z]{40,}")
-
-
-def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-        if status == 400:  # a validation error names the field it refuses
-            assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def new_account(admin: FlaskClient) -> str:

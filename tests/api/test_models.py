@@ -13,8 +13,8 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
 from billing import catalog
+from tests.support import assert_error
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 USD = re.compile(r"[0-9]+\.[0-9]{9}")
 PRICE_FIELDS = (
     "input_price_per_m",
@@ -23,19 +23,6 @@ PRICE_FIELDS = (
     "reasoning_price_per_m",
 )
 SEED = json.loads(catalog.default_price_file().read_text())
-
-
-def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-        if status == 400:  # a validation error names the field it refuses
-            assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def now() -> dt.datetime:

@@ -16,19 +16,7 @@ from billing.app import Runtime
 from billing.auth import Role, create_token
 from billing.db import utcnow
 from billing.usage_events import UsageEvent
-
-ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The response is an OpenAI-shaped error with this status and code."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
+from tests.support import ERROR_KEYS, assert_error
 
 
 def bearer(secret: str) -> dict[str, str]:

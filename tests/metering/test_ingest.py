@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from billing.usage_events import UsageEvent
+from tests.support import assert_error
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 USAGE = "/gateway/v1/usage"
 
 # Seed 002's Responses API usage, and the same numbers in the Chat Completions shape.
@@ -33,18 +33,6 @@ CHAT_USAGE: dict[str, Any] = {
     "completion_tokens_details": {"reasoning_tokens": 120},
     "total_tokens": 1500,
 }
-
-
-def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-        assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def new_key(admin: FlaskClient, credit: str = "100") -> dict[str, Any]:

@@ -28,7 +28,6 @@ from billing.keys import KeyStateChange
 from billing.ledger import LedgerEntry
 from billing.usage_events import UsageEvent
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 USAGE = "/gateway/v1/usage"
 USD9 = re.compile(r"-?[0-9]+\.[0-9]{9}")
 SEED = json.loads(catalog.default_price_file().read_text())
@@ -94,17 +93,6 @@ def breakdown_parts(breakdown: dict[str, Any] | None) -> tuple[int, int, int, in
         assert exact == exact.to_integral_value(), breakdown
         parts.append(int(exact))
     return (*parts, nanos(breakdown["total_usd"]))  # type: ignore[return-value]
-
-
-def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-    return body["error"]  # type: ignore[no-any-return]
 
 
 def new_account(admin: FlaskClient, credit: str = "0") -> str:

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 from billing import catalog
 from billing.usage_events import UsageEvent
+from tests.support import assert_error
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 USD9 = re.compile(r"[0-9]+\.[0-9]{9}")
 COUNTERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
 SEED = json.loads(catalog.default_price_file().read_text())
@@ -53,17 +53,6 @@ def cost(model: str, counts: tuple[int, int, int, int]) -> int:
         + reasoning * output_price
     )
     return (exact + 500_000) // 1_000_000
-
-
-def assert_error(response: Any, status: int, code: str, param: str) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    assert body["error"]["param"] == param
-    assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
 
 
 class Sent(NamedTuple):

@@ -32,7 +32,13 @@ from celery import Celery
 from sqlalchemy import Engine, text
 
 from billing.settings import Settings
-from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, TEST_DATABASE_URL, worker_env
+from tests.conftest import (
+    ADMIN_TOKEN,
+    GATEWAY_TOKEN,
+    TEST_DATABASE_URL,
+    worker_command,
+    worker_env,
+)
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,19 +246,7 @@ class Workers:
             }
             log = self.directory / f"{name}.log"
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers.app",
-                    "worker",
-                    "--pool=solo",
-                    f"--hostname={name}@%h",
-                    "--loglevel=INFO",
-                    "--without-gossip",
-                    "--without-mingle",
-                ],
+                worker_command(name),
                 cwd=ROOT,
                 env=env,
                 stdout=log.open("ab"),
