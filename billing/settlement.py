@@ -148,24 +148,14 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
             cost.total_nanos,
             cost.parts(),
             entries.get(event.account_id) if cost.total_nanos else None,
-            now,
         )
         for event, version, cost in priced
     ]
     rows += [
-        (
-            event.id,
-            EventStatus.UNPRICED.value,
-            book.model_id(event.model),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        (event.id, EventStatus.UNPRICED.value, book.model_id(event.model), None, None, None, None)
         for event in parked
     ]
-    _write_outcomes(session, rows)
+    _write_outcomes(session, rows, settled_at=now)
     rollups.add(session, ((event, version.model_id, cost) for event, version, cost in priced))
     keys.refresh_keys_of(session, sorted(charges), reason="usage settled", now=now)
     return BatchResult(len(events), len(priced), len(parked), len(entries))
@@ -179,7 +169,6 @@ OUTCOME_COLUMNS = (
     "cost_nanos",
     "cost_breakdown",
     "ledger_entry_id",
-    "settled_at",
 )
 # One statement for the whole batch: the outcomes travel as one JSON document, which
 # PostgreSQL turns back into rows (far cheaper than a statement, or an array, per column).
@@ -188,30 +177,35 @@ _PG_OUTCOMES = text(
     UPDATE usage_events AS e
     SET status = v.status, model_id = v.model_id, price_version_id = v.price_version_id,
         cost_nanos = v.cost_nanos, cost_breakdown = v.cost_breakdown,
-        ledger_entry_id = v.ledger_entry_id, settled_at = v.settled_at
+        ledger_entry_id = v.ledger_entry_id,
+        settled_at = CASE WHEN v.status = 'settled' THEN CAST(:settled_at AS timestamptz) END
     FROM json_to_recordset(CAST(:outcomes AS json)) AS v(
         id bigint, status varchar, model_id varchar, price_version_id bigint,
-        cost_nanos bigint, cost_breakdown json, ledger_entry_id bigint, settled_at timestamptz
+        cost_nanos bigint, cost_breakdown json, ledger_entry_id bigint
     )
     WHERE e.id = v.id
     """
 )
 
 
-def _write_outcomes(session: Session, rows: list[tuple[Any, ...]]) -> None:
-    """Store each event's settlement outcome (rows in ``OUTCOME_COLUMNS`` order)."""
+def _write_outcomes(
+    session: Session, rows: list[tuple[Any, ...]], *, settled_at: dt.datetime
+) -> None:
+    """Store each event's outcome (rows in ``OUTCOME_COLUMNS`` order), settled at ``settled_at``."""
     if session.get_bind().dialect.name == "postgresql":
-        document = [dict(zip(OUTCOME_COLUMNS, row, strict=True)) for row in rows]
-        session.execute(_PG_OUTCOMES, {"outcomes": json.dumps(document, default=str)})
+        document = json.dumps([dict(zip(OUTCOME_COLUMNS, row, strict=True)) for row in rows])
+        session.execute(_PG_OUTCOMES, {"outcomes": document, "settled_at": settled_at})
         return
     statement = (
         update(EVENTS)
         .where(EVENTS.c.id == bindparam("event_id"))
-        .values({name: bindparam(name) for name in OUTCOME_COLUMNS[1:]})
+        .values({name: bindparam(name) for name in (*OUTCOME_COLUMNS[1:], "settled_at")})
     )
-    session.execute(
-        statement, [dict(zip(("event_id", *OUTCOME_COLUMNS[1:]), row, strict=True)) for row in rows]
-    )
+    names = ("event_id", *OUTCOME_COLUMNS[1:])
+    values = [dict(zip(names, row, strict=True)) for row in rows]
+    for value in values:
+        value["settled_at"] = settled_at if value["status"] == EventStatus.SETTLED else None
+    session.execute(statement, values)
 
 
 def _charge(

@@ -48,7 +48,17 @@ class TokenCounts:
     reasoning_tokens: int
 
     def __post_init__(self) -> None:
-        # Pricing relies on every TokenCounts being valid, however it was built.
+        # Pricing relies on every TokenCounts being valid, however it was built. The plain case
+        # is checked in one expression; anything else goes through the checks that explain.
+        i, c, o, r = (
+            self.input_tokens,
+            self.cached_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+        )
+        plain = type(i) is int and type(c) is int and type(o) is int and type(r) is int
+        if plain and 0 <= c <= i <= MAX_TOKENS and 0 <= r <= o <= MAX_TOKENS:
+            return
         _validated(
             ("input_tokens", self.input_tokens),
             ("cached_tokens", self.cached_tokens),
@@ -78,6 +88,53 @@ def token_counts(
 
 def normalise_usage(usage: Mapping[str, object], *, param: str = "usage") -> TokenCounts:
     """Normalise a Chat Completions or Responses API usage object; raises InvalidUsage on misuse."""
+    return _plain_counts(usage) or _normalise_explaining(usage, param)
+
+
+def _plain_counts(usage: object) -> TokenCounts | None:
+    """The counts of a well-formed report, cheaply; None for anything else (even if valid).
+
+    Ingest normalises every event, so the common case must be fast. Whatever this returns,
+    :func:`_normalise_explaining` would return too; whatever it declines, that function judges
+    and explains.
+    """
+    if type(usage) is not dict:
+        return None
+    get = usage.get
+    responses = get("input_tokens"), get("output_tokens")
+    responses_details = get("input_tokens_details"), get("output_tokens_details")
+    chat = get("prompt_tokens"), get("completion_tokens")
+    chat_details = get("prompt_tokens_details"), get("completion_tokens_details")
+    if chat == (None, None) and chat_details == (None, None):
+        (inp, out), (inp_details, out_details) = responses, responses_details
+    elif responses == (None, None) and responses_details == (None, None):
+        (inp, out), (inp_details, out_details) = chat, chat_details
+    else:
+        return None
+    cached = reasoning = None
+    if inp_details is not None:
+        if type(inp_details) is not dict:
+            return None
+        cached = inp_details.get("cached_tokens")
+    if out_details is not None:
+        if type(out_details) is not dict:
+            return None
+        reasoning = out_details.get("reasoning_tokens")
+    cached = 0 if cached is None else cached
+    reasoning = 0 if reasoning is None else reasoning
+    total = get("total_tokens")
+    if type(inp) is not int or type(out) is not int:
+        return None
+    if total is not None and (type(total) is not int or total != inp + out):
+        return None
+    if type(cached) is not int or type(reasoning) is not int:
+        return None
+    if not (0 <= cached <= inp <= MAX_TOKENS and 0 <= reasoning <= out <= MAX_TOKENS):
+        return None
+    return TokenCounts(inp, cached, out, reasoning)
+
+
+def _normalise_explaining(usage: Mapping[str, object], param: str) -> TokenCounts:
     if not isinstance(usage, Mapping):
         raise InvalidUsage(f"{param} must be an object, got {_describe(usage)}", param=param)
     # A null key carries no information, so it does not count towards either shape.

@@ -364,11 +364,9 @@ def ingest(
             "reasoning_tokens": draft.counts.reasoning_tokens,
             "outcome": draft.outcome.value,
             "occurred_at": draft.occurred_at or now,
-            "received_at": now,
-            "status": EventStatus.PENDING.value,
         }
     if rows:
-        inserted = _insert_new(session, list(rows.values()))
+        inserted = _insert_new(session, list(rows.values()), now=now)
         repeats = [request_id for request_id in rows if request_id not in inserted]
         result.accepted += len(inserted)
         if inserted:
@@ -437,12 +435,12 @@ _PG_INSERT = text(
         input_tokens, cached_tokens, output_tokens, reasoning_tokens, outcome, occurred_at,
         received_at, status)
     SELECT request_id, content_hash, account_id, key_id, model, usage_raw, input_tokens,
-        cached_tokens, output_tokens, reasoning_tokens, outcome, occurred_at, received_at, status
+        cached_tokens, output_tokens, reasoning_tokens, outcome, occurred_at,
+        CAST(:received_at AS timestamptz), 'pending'
     FROM json_to_recordset(CAST(:rows AS json)) AS r(
         request_id varchar, content_hash varchar, account_id varchar, key_id varchar,
         model varchar, usage_raw json, input_tokens bigint, cached_tokens bigint,
-        output_tokens bigint, reasoning_tokens bigint, outcome varchar, occurred_at timestamptz,
-        received_at timestamptz, status varchar
+        output_tokens bigint, reasoning_tokens bigint, outcome varchar, occurred_at timestamptz
     )
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id
@@ -450,13 +448,15 @@ _PG_INSERT = text(
 )
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert rows whose request id is new; returns the request ids inserted."""
+def _insert_new(session: Session, rows: list[dict[str, Any]], *, now: dt.datetime) -> set[str]:
+    """Insert rows whose request id is new, received ``now``; returns the request ids inserted."""
     if session.get_bind().dialect.name == "postgresql":
-        return set(session.scalars(_PG_INSERT, {"rows": json.dumps(rows, default=str)}))
+        document = json.dumps(rows, default=dt.datetime.isoformat)
+        return set(session.scalars(_PG_INSERT, {"rows": document, "received_at": now}))
     statement = (
         sqlite.insert(EVENTS)
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(EVENTS.c.request_id)
+        .values(received_at=now, status=EventStatus.PENDING)
     )
     return set(session.scalars(statement, rows))

@@ -10,7 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from billing.errors import InvalidRequest
-from billing.usage import MAX_TOKENS, InvalidUsage, TokenCounts, normalise_usage, token_counts
+from billing.usage import (
+    MAX_TOKENS,
+    InvalidUsage,
+    TokenCounts,
+    _normalise_explaining,
+    _plain_counts,
+    normalise_usage,
+    token_counts,
+)
 
 # Seed 002, verbatim: output (230) already includes reasoning (211); 88 + 230 = 318.
 SEED_002_RESPONSES: dict[str, Any] = {
@@ -412,3 +420,43 @@ def test_both_shapes_normalise_to_the_same_counts(
         usage["total_tokens"] = inp + out
     assert normalise_usage(usage) == TokenCounts(inp, cached, out, reasoning)
     assert token_counts(inp, cached, out, reasoning) == TokenCounts(inp, cached, out, reasoning)
+
+
+_USAGE_KEYS = [
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+    "total_tokens",
+    "audio_tokens",
+]
+_COUNTS = st.one_of(
+    st.none(), st.integers(-2, 300), st.integers(MAX_TOKENS - 1, MAX_TOKENS + 1), st.booleans()
+)
+_DETAILS = st.dictionaries(st.sampled_from(["cached_tokens", "reasoning_tokens"]), _COUNTS)
+_VALUES = st.one_of(_COUNTS, st.floats(allow_nan=False), st.text(max_size=2), _DETAILS)
+
+
+@given(st.dictionaries(st.sampled_from(_USAGE_KEYS), _VALUES))
+def test_the_fast_path_never_disagrees_with_the_explaining_one(usage: dict[str, object]) -> None:
+    fast = _plain_counts(usage)
+    try:
+        explained: TokenCounts | None = _normalise_explaining(usage, "usage")
+    except InvalidUsage:
+        explained = None
+    if fast is not None:
+        assert fast == explained
+    if explained is not None:
+        assert normalise_usage(usage) == explained
+    else:
+        with pytest.raises(InvalidUsage):
+            normalise_usage(usage)
+
+
+def test_the_fast_path_takes_the_seed_reports() -> None:
+    assert _plain_counts(SEED_002_RESPONSES) == SEED_002_COUNTS
+    assert _plain_counts(SEED_002_CHAT) == SEED_002_COUNTS

@@ -12,7 +12,6 @@ from alembic import op
 
 import billing.db
 
-
 revision: str = "45bd70a25a57"
 down_revision: str | None = "2e3adf8dd674"
 branch_labels: str | Sequence[str] | None = None
