@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import redis
 from celery import Celery, Task
 from flask import Flask, Response, current_app, g
+from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import Info, OpenAPI
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from billing import webhooks
 from billing.db import make_engine, make_sessionmaker
 from billing.runtime import Runtime
 from billing.settings import Settings
 
 __all__ = ["Runtime", "create_app", "current_runtime"]
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, refusing NaN and Infinity (not JSON, though Python's parser takes them)."""
+
+    sort_keys = False  # fields in schema order
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return json.loads(s, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def current_runtime() -> Runtime:
@@ -46,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         validation_error_status=400,
         validation_error_model=ErrorOut,
     )
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep fields in schema order
+    app.json = StrictJSONProvider(app)
     engine = make_engine(settings.sqlalchemy_url)
     client = None
     if settings.redis_url:
@@ -54,7 +70,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         client = redis.Redis.from_url(
             settings.redis_url, socket_timeout=1, socket_connect_timeout=1
         )
-    runtime = Runtime(settings, engine, make_sessionmaker(engine), redis=client)
+    sessions = make_sessionmaker(engine)
+    sessions.configure(info=webhooks.session_info(settings.balance_low_threshold))
+    runtime = Runtime(settings, engine, sessions, redis=client)
     app.extensions["billing"] = runtime
     app.after_request(_commit_on_success)
     app.teardown_request(_close_session)
@@ -110,6 +128,9 @@ def celery_init_app(app: Flask) -> Celery[Any]:
         beat_schedule={
             "sweep": {"task": "workers.tasks.sweep", "schedule": 5.0},
             "reconcile-ledger": {"task": "workers.tasks.reconcile_ledger", "schedule": 3600.0},
+            # Retries fall due on the schedule of billing.webhooks; this sends them (and any
+            # delivery whose after-commit trigger was lost).
+            "deliver-webhooks": {"task": "workers.tasks.deliver_webhooks", "schedule": 5.0},
         },
     )
     celery.set_default()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -102,6 +103,31 @@ def redis_rebuild() -> None:
     with runtime.transaction() as session:
         count = mirror.rebuild(session, runtime.redis)
     click.echo(f"mirrored the state of {count} key(s)")
+
+
+@main.group("webhooks")
+def webhooks_group() -> None:
+    """Gateway webhooks."""
+
+
+@webhooks_group.command("deliver")
+@click.option(
+    "--watch", is_flag=True, help="Keep going, every 5 seconds (what beat does with workers)."
+)
+def webhooks_deliver(watch: bool) -> None:
+    """Send the due webhook deliveries, new ones and retries.
+
+    With workers (REDIS_URL set) they do this themselves; on the embedded default nothing is
+    sent from a request, so run this (with --watch to keep sending retries).
+    """
+    runtime = _runtime()
+    while True:
+        made = runtime.deliver_webhooks()
+        if made or not watch:
+            click.echo(f"{made} webhook attempt(s) made")
+        if not watch:
+            return
+        time.sleep(5)
 
 
 def _token_command(role: Role) -> click.Command:

@@ -7,10 +7,12 @@ a Celery task) owns the transaction.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -64,6 +66,25 @@ class Base(DeclarativeBase):
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dt.datetime: UTCDateTime()}
+
+
+def json_document(value: Any) -> str:
+    """``value`` as JSON text for a statement parameter (datetimes as RFC 3339).
+
+    orjson is several times faster than the standard library, which matters on the ingest and
+    settlement paths; it refuses integers beyond 64 bits, which a raw usage report may carry in a
+    field we ignore, so those documents take the slow path.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, default=_isoformat)
+
+
+def _isoformat(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def utcnow() -> dt.datetime:

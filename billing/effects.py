@@ -6,6 +6,7 @@ succeeded, so a rolled-back transaction has no effect outside the database.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
@@ -16,6 +17,17 @@ if TYPE_CHECKING:
 CHANGED_KEYS = "changed_keys"
 USAGE_PENDING = "usage_pending"
 PRICES_CHANGED = "prices_changed"
+WEBHOOKS_PENDING = "webhooks_pending"
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What a committed transaction left to do."""
+
+    changed_keys: list[ApiKey]
+    usage_pending: bool
+    prices_changed: bool
+    webhooks_pending: bool
 
 
 def mark_keys_changed(session: Session, keys: list[ApiKey]) -> None:
@@ -33,11 +45,17 @@ def mark_prices_changed(session: Session) -> None:
     session.info[PRICES_CHANGED] = True
 
 
-def take(session: Session) -> tuple[list[ApiKey], bool, bool]:
-    """The marks of a committed transaction, cleared: changed keys, usage pending, prices."""
+def mark_webhooks_pending(session: Session) -> None:
+    """Webhook deliveries were queued: have them sent after commit."""
+    session.info[WEBHOOKS_PENDING] = True
+
+
+def take(session: Session) -> Marks:
+    """The marks of a committed transaction, cleared."""
     info = session.info
-    return (
-        info.pop(CHANGED_KEYS, []),
-        info.pop(USAGE_PENDING, False),
-        info.pop(PRICES_CHANGED, False),
+    return Marks(
+        changed_keys=info.pop(CHANGED_KEYS, []),
+        usage_pending=info.pop(USAGE_PENDING, False),
+        prices_changed=info.pop(PRICES_CHANGED, False),
+        webhooks_pending=info.pop(WEBHOOKS_PENDING, False),
     )

@@ -6,7 +6,8 @@ Invariants:
 - A key's ``state`` is derived from facts (revoked, disabled, expiry, suspension, the account's
   available balance) by :func:`derive_state`, first matching row of the state table winning;
   every change of it is recorded in ``key_state_changes`` with its reason, in the same
-  transaction as the fact that caused it.
+  transaction as the fact that caused it, and queued for the webhook endpoints
+  (``billing.webhooks``) in that transaction too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from limits import parse as parse_rate_limit
 from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing import catalog, rollups
+from billing import catalog, rollups, webhooks
 from billing.accounts import Account, get_account
 from billing.db import Base, BigIntId
 from billing.effects import mark_keys_changed
@@ -204,6 +205,16 @@ def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.da
         key_id=key.id, old_state=key.state, new_state=new, reason=reason, created_at=now
     )
     session.add(change)
+    webhooks.announce_key_state(
+        session,
+        key_id=key.id,
+        account_id=key.account_id,
+        old_state=key.state,
+        new_state=new,
+        http_status=ENFORCEMENT[new].http_status,
+        reason=reason,
+        now=now,
+    )
     key.state = new
     mark_keys_changed(session, [key])
     return True
@@ -401,3 +412,32 @@ def rotate_key(
     key.display_prefix, key.last4 = mask(secret)
     session.flush()
     return key, secret
+
+
+# The key-state feed (GET /gateway/v1/key-states), for gateways that missed webhooks.
+
+# Change ids are assigned at insert, not at commit, so a change may become visible after a
+# higher id did. Readers that keep a cursor over the changes (this feed, the Redis mirror) only
+# move it past changes older than this, longer than any transaction that changes key states
+# runs: a cursor never moves past a change that is still to commit.
+CHANGE_COMMIT_LAG = dt.timedelta(minutes=1)
+
+
+def state_changes(
+    session: Session, *, after: int | None, limit: int, now: dt.datetime
+) -> list[tuple[KeyStateChange, str]]:
+    """Up to ``limit`` changes after the change id ``after``, oldest first, each with its key's
+    account id; none younger than ``CHANGE_COMMIT_LAG``, nor any after the first younger one."""
+    rows = session.execute(
+        select(KeyStateChange, ApiKey.account_id)
+        .join(ApiKey, ApiKey.id == KeyStateChange.key_id)
+        .where(KeyStateChange.id > (after or 0))
+        .order_by(KeyStateChange.id)
+        .limit(limit)
+    ).all()
+    settled = []
+    for change, account_id in rows:
+        if change.created_at > now - CHANGE_COMMIT_LAG:
+            break
+        settled.append((change, account_id))
+    return settled

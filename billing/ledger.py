@@ -24,6 +24,7 @@ from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, se
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from billing import webhooks
 from billing.accounts import Account, get_account
 from billing.db import Base, BigIntId
 from billing.errors import Conflict, InvalidRequest
@@ -164,13 +165,24 @@ def post_usage(
 
 
 def _record(session: Session, entry: LedgerEntry) -> None:
-    """Write ``entry`` and move its account's balance by an atomic in-place increment."""
+    """Write ``entry`` and move its account's balance by an atomic in-place increment;
+    announce the balance crossing a notice threshold (``billing.webhooks``)."""
     session.add(entry)
     session.flush()
-    session.execute(
+    balance = session.execute(
         update(Account)
         .where(Account.id == entry.account_id)
         .values(balance_nanos=Account.balance_nanos + entry.amount_nanos)
+        .returning(Account.balance_nanos)
+    ).scalar_one()
+    # The balance this entry moved from, exactly: the increment is atomic.
+    webhooks.announce_balance(
+        session,
+        account_id=entry.account_id,
+        before=balance - entry.amount_nanos,
+        after=balance,
+        ledger_entry_id=entry.id,
+        now=entry.created_at,
     )
 
 

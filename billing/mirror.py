@@ -16,11 +16,9 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing.keys import ENFORCEMENT, ApiKey, KeyState, KeyStateChange
+from billing.keys import CHANGE_COMMIT_LAG, ENFORCEMENT, ApiKey, KeyState, KeyStateChange
 
 CURSOR = "billing:mirror:cursor"
-# Longer than any transaction that changes key states runs.
-SETTLE_LAG = dt.timedelta(minutes=1)
 KEY_PREFIX = "billing:key:"
 
 
@@ -69,7 +67,7 @@ def sync(session: Session, client: redis.Redis, *, now: dt.datetime) -> int:
     """Bring the mirror up to date with PostgreSQL; returns how many keys were written.
 
     Change ids are assigned at insert, not at commit, so a change may become visible after a
-    higher id did. The cursor therefore only moves past changes older than ``SETTLE_LAG``;
+    higher id did. The cursor therefore only moves past changes older than ``CHANGE_COMMIT_LAG``;
     newer ones are applied again next time, which is harmless.
     """
     cursor = client.get(CURSOR)
@@ -85,7 +83,9 @@ def sync(session: Session, client: redis.Redis, *, now: dt.datetime) -> int:
     key_ids = {key_id for _, key_id, _ in changes}
     pipe = client.pipeline(transaction=False)
     _write(pipe, session.scalars(select(ApiKey).where(ApiKey.id.in_(key_ids))))
-    settled = [change_id for change_id, _, created_at in changes if created_at <= now - SETTLE_LAG]
+    settled = [
+        change_id for change_id, _, created_at in changes if created_at <= now - CHANGE_COMMIT_LAG
+    ]
     if settled:
         pipe.set(CURSOR, settled[-1])
     pipe.execute()

@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import effects, mirror, settlement
+from billing import effects, mirror, settlement, webhooks
 from billing.db import transaction, utcnow
 from billing.settings import Settings
 
@@ -29,6 +29,7 @@ SETTLE_FLAG = "billing:settle:scheduled"
 SETTLE_TASK = "workers.tasks.settle_usage"
 # A trigger coalesces the ingests of this many seconds into one settlement task.
 SETTLE_FLAG_TTL = 2
+WEBHOOKS_TASK = "workers.tasks.deliver_webhooks"
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Runtime:
 
     def after_commit(self, session: Session) -> None:
         """Carry out what the committed transaction asked for."""
-        changed, usage_pending, prices_changed = effects.take(session)
+        marks = effects.take(session)
+        changed = marks.changed_keys
         if changed and self.redis is not None:
             try:
                 mirror.publish(self.redis, changed)
@@ -58,11 +60,14 @@ class Runtime:
                 log.warning(
                     "Redis unavailable: %d key states wait for the next mirror sync", len(changed)
                 )
-        if prices_changed:
+        usage_pending = marks.usage_pending
+        if marks.prices_changed:
             with self.transaction() as released:
                 usage_pending = settlement.release_unpriced(released) > 0 or usage_pending
         if usage_pending:
             self.trigger_settlement()
+        if marks.webhooks_pending:
+            self.trigger_webhooks()
 
     def trigger_settlement(self) -> None:
         """Have pending usage settled soon: in-process when embedded, else by a coalesced task."""
@@ -104,3 +109,29 @@ class Runtime:
             return 0
         with self.transaction() as session:
             return mirror.sync(session, self.redis, now=utcnow())
+
+    # Webhooks (billing.webhooks)
+
+    def trigger_webhooks(self) -> None:
+        """Have queued webhook deliveries sent now by a worker.
+
+        Embedded (no Redis, no worker) nothing is sent from here, so that no request waits on a
+        receiver: `billing webhooks deliver` sends them.
+        """
+        if self.redis is None:
+            return
+        try:
+            self.celery.send_task(WEBHOOKS_TASK, retry=False)
+        except Exception:
+            log.warning("could not trigger webhook delivery; beat sends it shortly", exc_info=True)
+
+    def deliver_webhooks(self) -> int:
+        """Send the due webhook deliveries (new ones and retries); returns the attempts made."""
+        settings = self.settings
+        schedule = settings.webhook_retry_delays
+        return webhooks.deliver_due(
+            self.sessions,
+            hmac_key=settings.hmac_key,
+            schedule=webhooks.RETRY_SCHEDULE if schedule is None else schedule,
+            timeout=settings.webhook_timeout_seconds,
+        )

@@ -7,12 +7,15 @@ no Redis server, Celery tasks run in-process, rate limits in memory. ``DATABASE_
 
 from __future__ import annotations
 
+import math
 import secrets
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.money import Nanos, parse_usd
 
 
 class Settings(BaseSettings):
@@ -36,6 +39,51 @@ class Settings(BaseSettings):
         "1 per 10 seconds", description="Rate limit of new keys (`limits` syntax)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    # Webhooks (billing.webhooks)
+    webhook_retry_schedule: str | None = Field(
+        None,
+        description="Seconds to wait before each retry of a failed webhook, comma-separated;"
+        " after the last, the delivery has failed. Default: billing.webhooks.RETRY_SCHEDULE.",
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, description="Timeout of one webhook request (connect, and each read)."
+    )
+    balance_low_threshold_usd: str = Field(
+        "1.00", description="account.balance_low is sent when a balance falls to this or below."
+    )
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            cls._delays(value)
+        return value
+
+    @field_validator("balance_low_threshold_usd")
+    @classmethod
+    def _threshold(cls, value: str) -> str:
+        if parse_usd(value) < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @staticmethod
+    def _delays(text: str) -> tuple[float, ...]:
+        delays = tuple(float(part) for part in text.split(",") if part.strip())
+        if any(not math.isfinite(delay) or delay < 0 for delay in delays):
+            raise ValueError("delays are finite, non-negative numbers of seconds")
+        return delays
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...] | None:
+        """The configured webhook retry schedule in seconds; None: the production schedule."""
+        if self.webhook_retry_schedule is None:
+            return None
+        return self._delays(self.webhook_retry_schedule)
+
+    @property
+    def balance_low_threshold(self) -> Nanos:
+        """The balance-low threshold in nano-dollars."""
+        return parse_usd(self.balance_low_threshold_usd)
 
     @cached_property
     def sqlalchemy_url(self) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from billing import catalog, keys, ledger, rollups
 from billing.catalog import PriceVersion
+from billing.db import json_document
 from billing.money import Nanos
 from billing.pricing import Cost, Price, price_usage
 from billing.usage import TokenCounts, normalise_usage
@@ -193,7 +193,7 @@ def _write_outcomes(
 ) -> None:
     """Store each event's outcome (rows in ``OUTCOME_COLUMNS`` order), settled at ``settled_at``."""
     if session.get_bind().dialect.name == "postgresql":
-        document = json.dumps([dict(zip(OUTCOME_COLUMNS, row, strict=True)) for row in rows])
+        document = json_document([dict(zip(OUTCOME_COLUMNS, row, strict=True)) for row in rows])
         session.execute(_PG_OUTCOMES, {"outcomes": document, "settled_at": settled_at})
         return
     statement = (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,7 +35,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.schema import ForeignKey
 
-from billing.db import Base, BigIntId
+from billing.db import Base, BigIntId, json_document
 from billing.effects import mark_usage_pending
 from billing.errors import BillingError, InvalidRequest, NotFound
 from billing.keys import ApiKey
@@ -451,7 +450,7 @@ _PG_INSERT = text(
 def _insert_new(session: Session, rows: list[dict[str, Any]], *, now: dt.datetime) -> set[str]:
     """Insert rows whose request id is new, received ``now``; returns the request ids inserted."""
     if session.get_bind().dialect.name == "postgresql":
-        document = json.dumps(rows, default=dt.datetime.isoformat)
+        document = json_document(rows)
         return set(session.scalars(_PG_INSERT, {"rows": document, "received_at": now}))
     statement = (
         sqlite.insert(EVENTS)

@@ -138,7 +138,9 @@ def committed(runtime: Runtime) -> Iterator[Engine]:
         connection.execute(
             text(
                 "TRUNCATE usage_rollups, usage_events, audit_log, key_state_changes,"
-                " ledger_entries, api_keys, accounts, service_tokens RESTART IDENTITY CASCADE"
+                " ledger_entries, api_keys, accounts, service_tokens,"
+                " webhook_attempts, webhook_deliveries, webhook_events, webhook_endpoints"
+                " RESTART IDENTITY CASCADE"
             )
         )
 

@@ -29,6 +29,12 @@ def sweep() -> int:
 
 
 @shared_task(acks_late=True)
+def deliver_webhooks() -> int:
+    """Send due webhook deliveries, new ones and retries; returns the number of attempts."""
+    return current_runtime().deliver_webhooks()
+
+
+@shared_task(acks_late=True)
 def reconcile_ledger() -> list[str]:
     """Check balances against entries and charges against recomputed costs; returns the drift."""
     with current_runtime().transaction() as session:

@@ -22,6 +22,7 @@ from billing import (
     rollups,
     settlement,
     usage_events,
+    webhooks,
 )
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
@@ -42,6 +43,7 @@ MODELS = [Tag(name="Models and prices")]
 AUDIT = [Tag(name="Audit")]
 GATEWAY = [Tag(name="Gateway tokens")]
 USAGE = [Tag(name="Usage")]
+WEBHOOKS = [Tag(name="Webhooks")]
 
 
 @admin.before_request
@@ -378,3 +380,83 @@ def list_audit_log(query: schemas.PageQuery) -> dict[str, Any]:
         session(), before=schemas.decode_int_cursor(query.cursor), limit=query.limit
     )
     return _page([render.audit_entry(row) for row in rows], query.limit, lambda item: item.id)
+
+
+# Webhooks
+
+
+@admin.post("/webhook-endpoints", tags=WEBHOOKS, responses={201: schemas.WebhookEndpointWithSecret})
+def create_webhook_endpoint(body: schemas.WebhookEndpointCreate) -> tuple[dict[str, Any], int]:
+    """Register a gateway endpoint for signed events. The `secret` is in this response only."""
+    row, secret = webhooks.create_endpoint(
+        session(),
+        url=body.url,
+        event_types=body.event_types,
+        hmac_key=settings().hmac_key,
+        now=now(),
+    )
+    return render.webhook_endpoint_with_secret(row, secret).model_dump(mode="json"), 201
+
+
+@admin.get(
+    "/webhook-endpoints",
+    tags=WEBHOOKS,
+    responses={200: schemas.Page[schemas.WebhookEndpointOut]},
+)
+def list_webhook_endpoints() -> dict[str, Any]:
+    """Every webhook endpoint, disabled ones included (secrets are never shown again)."""
+    return _all([render.webhook_endpoint(row) for row in webhooks.list_endpoints(session())])
+
+
+@admin.post(
+    "/webhook-endpoints/<endpoint_id>/disable",
+    tags=WEBHOOKS,
+    responses={200: schemas.WebhookEndpointOut},
+)
+def disable_webhook_endpoint(path: schemas.WebhookEndpointPath) -> dict[str, Any]:
+    """Stop sending to an endpoint; its pending deliveries are marked failed."""
+    row = webhooks.disable_endpoint(session(), path.endpoint_id, now=now())
+    return render.webhook_endpoint(row).model_dump(mode="json")
+
+
+@admin.get(
+    "/webhook-endpoints/<endpoint_id>/deliveries",
+    tags=WEBHOOKS,
+    responses={200: schemas.Page[schemas.WebhookDeliveryOut]},
+)
+def list_webhook_deliveries(
+    path: schemas.WebhookEndpointPath, query: schemas.WebhookDeliveryQuery
+) -> dict[str, Any]:
+    """An endpoint's deliveries, newest first, optionally only those with `status`."""
+    rows = webhooks.deliveries(
+        session(),
+        path.endpoint_id,
+        status=None if query.status is None else webhooks.DeliveryStatus(query.status),
+        before=schemas.decode_int_cursor(query.cursor),
+        limit=query.limit,
+    )
+    return _page([render.webhook_delivery(row) for row in rows], query.limit, lambda item: item.id)
+
+
+@admin.get(
+    "/webhook-deliveries/<delivery_id>",
+    tags=WEBHOOKS,
+    responses={200: schemas.WebhookDeliveryDetail},
+)
+def get_webhook_delivery(path: schemas.WebhookDeliveryPath) -> dict[str, Any]:
+    """A delivery with its event and every attempt (status code or error, and duration)."""
+    db = session()
+    row = webhooks.get_delivery(db, path.delivery_id)
+    detail = render.webhook_delivery_detail(row, webhooks.attempts(db, row.id))
+    return detail.model_dump(mode="json")
+
+
+@admin.post(
+    "/webhook-deliveries/<delivery_id>/replay",
+    tags=WEBHOOKS,
+    responses={201: schemas.WebhookDeliveryOut, 409: schemas.ErrorOut},
+)
+def replay_webhook_delivery(path: schemas.WebhookDeliveryPath) -> tuple[dict[str, Any], int]:
+    """Send a delivery's event again, as a new delivery with the same `webhook-id`."""
+    row = webhooks.replay(session(), path.delivery_id, now=now())
+    return render.webhook_delivery(row).model_dump(mode="json"), 201

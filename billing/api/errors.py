@@ -6,16 +6,15 @@ gateway can relay our answers verbatim.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import cast
+from typing import Any, cast
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from billing.errors import BillingError
+from billing.errors import BillingError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,11 @@ def error_response(
 
 def validation_error_response(exc: ValidationError) -> Response:
     """A 400 naming the first field pydantic refused (flask-openapi3's validation callback)."""
-    if request.method != "GET" and request.data and not _is_json(request.data):
-        return error_response(400, "The request body is not valid JSON.", code="invalid_json")
+    if request.method != "GET":
+        try:
+            json_body()
+        except InvalidJson as invalid:
+            return _billing_error(invalid)
     error = exc.errors(include_url=False)[0]
     location = [str(part) for part in error["loc"]]
     param = ".".join(location) or None
@@ -60,12 +62,20 @@ def validation_error_response(exc: ValidationError) -> Response:
     return error_response(400, message, code="invalid_request", param=param)
 
 
-def _is_json(data: bytes) -> bool:
+class InvalidJson(InvalidRequest):
+    """The request body is not JSON."""
+
+    code = "invalid_json"
+
+
+def json_body() -> Any:
+    """The request's JSON body (None if there is none); raises InvalidJson if it is not JSON."""
+    if not request.data:
+        return None
     try:
-        json.loads(data)
+        return current_app.json.loads(request.data)
     except ValueError:
-        return False
-    return True
+        raise InvalidJson("The request body is not valid JSON.") from None
 
 
 def _billing_error(exc: BillingError) -> Response:

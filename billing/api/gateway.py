@@ -8,13 +8,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from flask import Response, g, jsonify, request
+from flask import Response, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
-from billing import usage_events
-from billing.api import schemas
+from billing import keys, usage_events
+from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
+from billing.api.errors import json_body
 from billing.auth import Role, authenticate
 from billing.errors import InvalidRequest
 
@@ -105,7 +106,7 @@ def report_usage() -> Response | tuple[Response, int]:
     content), or rejected with the reason; bad items never sink the good ones. A single event
     that is rejected is answered with its error instead.
     """
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     batch = "events" in body
@@ -129,3 +130,25 @@ def report_usage() -> Response | tuple[Response, int]:
         "rejected": [rejection.as_dict() for rejection in result.rejected],
     }
     return jsonify(answer), 202
+
+
+@gateway.get("/key-states", tags=TAGS, responses={200: schemas.KeyStateFeed})
+def key_states(query: schemas.KeyStateFeedQuery) -> dict[str, Any]:
+    """Key-state changes after `cursor`, oldest first: catch up on missed webhooks.
+
+    A change is listed once it is a minute old (so that a change still committing is never
+    skipped); webhooks carry it at once. Resume from `next_cursor`, which is never null:
+    at once while `has_more` is true, later when it is false.
+    """
+    after = schemas.decode_int_cursor(query.cursor)
+    rows = keys.state_changes(session(), after=after, limit=query.limit, now=now())
+    position = rows[-1][0].id if rows else after or 0
+    return {
+        "object": "list",
+        "data": [
+            render.key_state_change(change, account_id).model_dump(mode="json")
+            for change, account_id in rows
+        ],
+        "next_cursor": schemas.encode_cursor(position),
+        "has_more": len(rows) == query.limit,
+    }

@@ -14,12 +14,18 @@ from billing.api import schemas
 from billing.audit import AuditEntry
 from billing.auth import ServiceToken
 from billing.catalog import ModelListing
-from billing.keys import ENFORCEMENT, ApiKey
+from billing.keys import ENFORCEMENT, ApiKey, KeyState, KeyStateChange
 from billing.ledger import LedgerEntry
 from billing.money import format_usd
 from billing.pricing import breakdown_usd
 from billing.settlement import UnpricedModel
 from billing.usage_events import UsageEvent
+from billing.webhooks import (
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    message_id,
+)
 
 
 def account(row: Account) -> schemas.AccountOut:
@@ -180,4 +186,78 @@ def usage_event(row: UsageEvent) -> schemas.UsageEventOut:
         cost_usd=None if row.cost_nanos is None else format_usd(row.cost_nanos),
         breakdown=None if parts is None else breakdown_usd(parts),
         ledger_entry_id=row.ledger_entry_id,
+    )
+
+
+# Webhooks
+
+
+def webhook_endpoint(row: WebhookEndpoint) -> schemas.WebhookEndpointOut:
+    return schemas.WebhookEndpointOut(
+        id=row.id,
+        url=row.url,
+        event_types=row.event_types,
+        created_at=row.created_at,
+        disabled_at=row.disabled_at,
+    )
+
+
+def webhook_endpoint_with_secret(
+    row: WebhookEndpoint, secret: str
+) -> schemas.WebhookEndpointWithSecret:
+    return schemas.WebhookEndpointWithSecret(**webhook_endpoint(row).model_dump(), secret=secret)
+
+
+def webhook_delivery(row: WebhookDelivery) -> schemas.WebhookDeliveryOut:
+    return schemas.WebhookDeliveryOut(
+        id=row.id,
+        event_id=message_id(row.event_id),
+        event_type=row.event.type,
+        endpoint_id=row.endpoint_id,
+        status=row.status,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        delivered_at=row.delivered_at,
+        replay_of=row.replay_of,
+        created_at=row.created_at,
+    )
+
+
+def webhook_delivery_detail(
+    row: WebhookDelivery, attempts: list[WebhookAttempt]
+) -> schemas.WebhookDeliveryDetail:
+    event = row.event
+    return schemas.WebhookDeliveryDetail(
+        **webhook_delivery(row).model_dump(),
+        event=schemas.WebhookEventOut(
+            id=message_id(event.id),
+            type=event.type,
+            data=event.payload,
+            created_at=event.created_at,
+        ),
+        attempt_log=[
+            schemas.WebhookAttemptOut(
+                id=attempt.id,
+                attempted_at=attempt.attempted_at,
+                status_code=attempt.status_code,
+                error=attempt.error,
+                duration_ms=attempt.duration_ms,
+            )
+            for attempt in attempts
+        ],
+    )
+
+
+def key_state_change(row: KeyStateChange, account_id: str) -> schemas.KeyStateChangeOut:
+    return schemas.KeyStateChangeOut(
+        id=row.id,
+        key_id=row.key_id,
+        account_id=account_id,
+        old_state=row.old_state,
+        new_state=row.new_state,
+        http_status=ENFORCEMENT[KeyState(row.new_state)].http_status,
+        reason=row.reason,
+        changed_at=row.created_at,
     )

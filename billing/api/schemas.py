@@ -384,3 +384,117 @@ class UsageEventOut(BaseModel):
         description="input_usd, cached_usd, output_usd, reasoning_usd (exact) and total_usd."
     )
     ledger_entry_id: int | None
+
+
+# Webhooks
+
+WebhookEventType = Literal["key.state_changed", "account.balance_low", "account.balance_depleted"]
+
+
+class WebhookEndpointCreate(Body):
+    url: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="An http:// or https:// URL; each request to it is signed (Standard Webhooks).",
+        examples=["https://gateway.example.com/billing-webhooks"],
+    )
+    event_types: list[WebhookEventType] | None = Field(
+        None, description="The event types to receive; omitted or null: all of them."
+    )
+
+
+class WebhookEndpointOut(BaseModel):
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    id: str
+    url: str
+    event_types: list[str]
+    created_at: dt.datetime
+    disabled_at: dt.datetime | None
+
+
+class WebhookEndpointWithSecret(WebhookEndpointOut):
+    secret: str = Field(
+        description="The signing secret (`whsec_...`) for verifying our requests with a Standard"
+        " Webhooks library. Shown only in this response; store it now."
+    )
+
+
+class WebhookEndpointPath(BaseModel):
+    endpoint_id: str
+
+
+class WebhookDeliveryOut(BaseModel):
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    id: int
+    event_id: str = Field(description="The `webhook-id` header of every attempt.")
+    event_type: str
+    endpoint_id: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: dt.datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: dt.datetime | None
+    replay_of: int | None = Field(description="The delivery this one replays, if any.")
+    created_at: dt.datetime
+
+
+class WebhookAttemptOut(BaseModel):
+    object: Literal["webhook_attempt"] = "webhook_attempt"
+    id: int
+    attempted_at: dt.datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+
+class WebhookEventOut(BaseModel):
+    object: Literal["webhook_event"] = "webhook_event"
+    id: str
+    type: str
+    data: dict[str, Any]
+    created_at: dt.datetime
+
+
+class WebhookDeliveryDetail(WebhookDeliveryOut):
+    event: WebhookEventOut
+    attempt_log: list[WebhookAttemptOut] = Field(description="Every attempt, oldest first.")
+
+
+class WebhookDeliveryPath(BaseModel):
+    delivery_id: int
+
+
+class WebhookDeliveryQuery(PageQuery):
+    status: Literal["pending", "succeeded", "failed"] | None = None
+
+
+# The key-state feed (gateway)
+
+
+class KeyStateFeedQuery(BaseModel):
+    limit: int = Field(100, ge=1, le=1000, description="Changes per page (1-1000).")
+    cursor: str | None = Field(
+        None, description="The `next_cursor` of the previous page; omitted: from the beginning."
+    )
+
+
+class KeyStateChangeOut(BaseModel):
+    object: Literal["key_state_change"] = "key_state_change"
+    id: int
+    key_id: str
+    account_id: str
+    old_state: str | None
+    new_state: str
+    http_status: int
+    reason: str
+    changed_at: dt.datetime
+
+
+class KeyStateFeed(BaseModel):
+    """Key-state changes in order. `next_cursor` is never null: it is where to resume."""
+
+    object: Literal["list"] = "list"
+    data: list[KeyStateChangeOut]
+    next_cursor: str
+    has_more: bool = Field(description="True: fetch the next page now; false: poll later.")

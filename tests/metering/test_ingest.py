@@ -342,7 +342,7 @@ def test_a_body_that_is_not_json_is_refused(gateway: FlaskClient, db: Session) -
     before = count(db)
     for data, content_type in (("{not json", "application/json"), ("a=b", "text/plain")):
         response = gateway.post(USAGE, data=data, content_type=content_type)
-        assert_error(response, 400, "invalid_request")
+        assert_error(response, 400, "invalid_json")
     assert count(db) == before
 
 
@@ -619,3 +619,46 @@ def test_an_unknown_outcome_is_rejected_naming_it(
     for outcome in ("completed", "failed", "client_disconnected"):
         assert outcome in rejected["error"]["message"]
     assert stored(db, good["request_id"])[good["request_id"]].outcome == "failed"
+
+
+# --- JSON at the edges of what parsers take ------------------------------------------------------
+
+
+def test_a_count_beyond_64_bits_is_refused_by_name(
+    gateway: FlaskClient, admin: FlaskClient, db: Session
+) -> None:
+    # Valid JSON that some fast parsers refuse or turn into a float; it must be judged exactly.
+    key = new_key(admin)
+    body = (
+        f'{{"request_id": "{rid()}", "api_key": "{key["key"]}", "model": "doubao-seed-2-0-lite",'
+        ' "input_tokens": 100000000000000000000000, "output_tokens": 5}'
+    )
+    response = gateway.post(USAGE, data=body, content_type="application/json")
+    error = assert_error(response, 400, "invalid_usage", "input_tokens")
+    assert "exceeds the limit" in error["message"]
+
+
+def test_a_huge_integer_in_an_ignored_usage_field_is_kept_in_the_raw_report(
+    gateway: FlaskClient, admin: FlaskClient, db: Session
+) -> None:
+    key = new_key(admin)
+    request_id = rid()
+    body = (
+        f'{{"request_id": "{request_id}", "api_key": "{key["key"]}",'
+        ' "model": "doubao-seed-2-0-lite", "usage": {"prompt_tokens": 10,'
+        ' "completion_tokens": 2, "audio_tokens": 100000000000000000000000}}'
+    )
+    response = gateway.post(USAGE, data=body, content_type="application/json")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    row = stored(db, request_id)[request_id]
+    assert row.usage_raw is not None and row.usage_raw["audio_tokens"] == 10**23
+    assert counts(row) == (10, 0, 2, 0)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(gateway: FlaskClient, db: Session, constant: str) -> None:
+    before = count(db)
+    body = f'{{"request_id": "{rid()}", "key_id": "k", "model": "m", "input_tokens": {constant}}}'
+    response = gateway.post(USAGE, data=body, content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+    assert count(db) == before

@@ -1,0 +1,118 @@
+"""End to end with real processes: an API configured for Redis commits, a real Celery worker
+settles usage and delivers the signed webhooks, a real HTTP receiver verifies them (DESIGN 6.4).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+
+from billing.app import create_app
+from billing.settings import Settings
+from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, start_worker
+from tests.webhooks.conftest import (
+    Received,
+    Receiver,
+    key_changes,
+    new_account,
+    new_key,
+    register,
+    report_usage,
+)
+
+
+@pytest.fixture(scope="module")
+def redis_app(redis_settings: Settings, app: Flask) -> Flask:
+    """An API that commits for real and hands work to workers (``app`` loaded the prices)."""
+    return create_app(redis_settings)
+
+
+def client_with(app: Flask, token: str) -> FlaskClient:
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return test_client
+
+
+@pytest.fixture
+def retrying_worker(
+    redis_settings: Settings,
+    celery_client: Celery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real worker whose retry schedule is 0.5 s, 0.5 s (WEBHOOK_RETRY_SCHEDULE)."""
+    monkeypatch.setenv("WEBHOOK_RETRY_SCHEDULE", "0.5,0.5")
+    process = start_worker(
+        redis_settings, celery_client, name=f"hooks{os.getpid()}", log=tmp_path / "worker.log"
+    )
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_a_key_flipped_to_402_in_a_worker_reaches_the_gateway_signed(
+    committed: Engine,
+    redis_app: Flask,
+    worker: subprocess.Popen[bytes],
+    receiver: Receiver,
+) -> None:
+    admin = client_with(redis_app, ADMIN_TOKEN)
+    gateway = client_with(redis_app, GATEWAY_TOKEN)
+    register(admin, receiver, ["key.state_changed"])
+    account_id = new_account(admin, credit="0.001")
+    key_id = new_key(admin, account_id)
+    report_usage(gateway, key_id, 1000, 2000)  # $0.00152 against $0.001: settled by the worker
+
+    def flipped(requests: list[Received]) -> list[dict[str, Any]]:
+        return [c for c in key_changes(requests, key_id) if c["new_state"] != "active"]
+
+    [flip] = receiver.wait_for(flipped, "the signed key.state_changed of the 402")
+    assert flip["old_state"] == "active"
+    assert flip["new_state"] == "insufficient_balance"
+    assert flip["http_status"] == 402
+    assert flip["reason"] == "usage settled"
+    assert flip["account_id"] == account_id
+    assert all(request.error is None for request in receiver.requests())
+    key = admin.get(f"/admin/v1/keys/{key_id}").get_json()
+    assert (key["state"], key["http_status"]) == ("insufficient_balance", 402)
+
+
+def test_a_worker_retries_on_the_configured_schedule_until_the_receiver_takes_it(
+    committed: Engine,
+    redis_app: Flask,
+    celery_client: Celery,
+    retrying_worker: subprocess.Popen[bytes],
+    receiver: Receiver,
+) -> None:
+    admin = client_with(redis_app, ADMIN_TOKEN)
+    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    receiver.script = [500, 500]
+    new_key(admin, new_account(admin))
+
+    deadline = time.monotonic() + 30
+    while not any(request.answered == 200 for request in receiver.requests()):
+        assert time.monotonic() < deadline, receiver.requests()
+        celery_client.send_task("workers.tasks.deliver_webhooks")  # what beat does every 5 s
+        time.sleep(0.3)
+
+    assert [request.answered for request in receiver.requests()] == [500, 500, 200]
+    assert all(request.error is None for request in receiver.requests())
+    [summary] = admin.get(f"/admin/v1/webhook-endpoints/{endpoint_id}/deliveries").get_json()[
+        "data"
+    ]
+    detail = admin.get(f"/admin/v1/webhook-deliveries/{summary['id']}").get_json()
+    assert detail["status"] == "succeeded"
+    assert [attempt["status_code"] for attempt in detail["attempt_log"]] == [500, 500, 200]
