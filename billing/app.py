@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
+import orjson
 import redis
 from celery import Celery, Task
 from flask import Flask, Response, current_app, g
@@ -22,13 +24,28 @@ from billing.settings import Settings
 __all__ = ["Runtime", "create_app", "current_runtime"]
 
 
+# Twenty digits in a row may be an integer beyond 64 bits, which orjson turns into a float.
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+
+
 class StrictJSONProvider(DefaultJSONProvider):
-    """Flask's JSON, refusing NaN and Infinity (not JSON, though Python's parser takes them)."""
+    """Flask's JSON, parsed by orjson, refusing NaN and Infinity (which are not JSON).
+
+    A 1000-event usage report parses several times faster with orjson. orjson reads integers
+    beyond 64 bits as floats, so a document that may hold one (and one orjson refuses) is read
+    by the standard library instead, exactly.
+    """
 
     sort_keys = False  # fields in schema order
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        return json.loads(s, parse_constant=_refuse_constant)
+        data = s.encode() if isinstance(s, str) else s
+        if not _LONG_NUMBER.search(data):
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(data, parse_constant=_refuse_constant)
 
 
 def _refuse_constant(name: str) -> Any:

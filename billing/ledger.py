@@ -18,6 +18,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, select, update
@@ -147,28 +148,49 @@ def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[Ledge
     return entry, True
 
 
-def post_usage(
-    session: Session, *, account_id: str, amount_nanos: Nanos, batch: str, now: dt.datetime
-) -> LedgerEntry:
-    """Debit an account for a settlement batch's usage; the caller re-derives key states."""
-    entry = LedgerEntry(
-        account_id=account_id,
-        kind=EntryKind.USAGE,
-        amount_nanos=-amount_nanos,
-        reason="usage",
-        reference=f"settlement:{batch}",
-        actor="settlement",
-        created_at=now,
-    )
-    _record(session, entry)
-    return entry
+def write_usage_entries(
+    session: Session, charges: dict[str, Nanos], *, batch: str, now: dt.datetime
+) -> dict[str, LedgerEntry]:
+    """Write one usage entry per account with a non-zero charge; the balances do not move yet.
+
+    The caller must call :func:`move_balances` with them in the same transaction. Settlement
+    writes its entries first (its events refer to them) and moves the balances last, so that
+    it holds the account rows' locks, which concurrent batches queue on, for as little as it can.
+    """
+    entries = {
+        account_id: LedgerEntry(
+            account_id=account_id,
+            kind=EntryKind.USAGE,
+            amount_nanos=-amount,
+            reason="usage",
+            reference=f"settlement:{batch}",
+            actor="settlement",
+            created_at=now,
+        )
+        for account_id, amount in sorted(charges.items())
+        if amount
+    }
+    session.add_all(entries.values())
+    session.flush()
+    return entries
+
+
+def move_balances(session: Session, entries: Iterable[LedgerEntry]) -> None:
+    """Move each entry's account balance by its amount, in account order (no deadlocks)."""
+    for entry in sorted(entries, key=lambda entry: entry.account_id):
+        _move_balance(session, entry)
 
 
 def _record(session: Session, entry: LedgerEntry) -> None:
-    """Write ``entry`` and move its account's balance by an atomic in-place increment;
-    announce the balance crossing a notice threshold (``billing.webhooks``)."""
+    """Write ``entry`` and move its account's balance."""
     session.add(entry)
     session.flush()
+    _move_balance(session, entry)
+
+
+def _move_balance(session: Session, entry: LedgerEntry) -> None:
+    """Move the balance by ``entry``'s amount by an atomic in-place increment; announce the
+    balance crossing a notice threshold (``billing.webhooks``)."""
     balance = session.execute(
         update(Account)
         .where(Account.id == entry.account_id)

@@ -68,7 +68,7 @@ class Cost:
 
     def __post_init__(self) -> None:
         parts = (self.input_femtos, self.cached_femtos, self.output_femtos, self.reasoning_femtos)
-        if any(part < 0 for part in parts):
+        if min(parts) < 0:
             raise ValueError(f"cost parts are never negative, got {parts}")
         # A total that disagrees with its parts would make the stored breakdown a lie.
         if self.total_nanos != round_femto(sum(parts)):

@@ -138,7 +138,7 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
         cost = price_usage(event.counts, book.price(version))
         charges[event.account_id] += cost.total_nanos
         priced.append((event, version, cost))
-    entries = _charge(session, charges, batch=uuid.uuid4().hex, now=now)
+    entries = ledger.write_usage_entries(session, charges, batch=uuid.uuid4().hex, now=now)
     rows: list[tuple[Any, ...]] = [
         (
             event.id,
@@ -147,7 +147,7 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
             version.id,
             cost.total_nanos,
             cost.parts(),
-            entries.get(event.account_id) if cost.total_nanos else None,
+            entries[event.account_id].id if cost.total_nanos else None,
         )
         for event, version, cost in priced
     ]
@@ -156,7 +156,9 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
         for event in parked
     ]
     _write_outcomes(session, rows, settled_at=now)
+    # Rows other batches also write come last, so their locks are held only until the commit.
     rollups.add(session, ((event, version.model_id, cost) for event, version, cost in priced))
+    ledger.move_balances(session, entries.values())
     keys.refresh_keys_of(session, sorted(charges), reason="usage settled", now=now)
     return BatchResult(len(events), len(priced), len(parked), len(entries))
 
@@ -206,22 +208,6 @@ def _write_outcomes(
     for value in values:
         value["settled_at"] = settled_at if value["status"] == EventStatus.SETTLED else None
     session.execute(statement, values)
-
-
-def _charge(
-    session: Session, charges: dict[str, Nanos], *, batch: str, now: dt.datetime
-) -> dict[str, int]:
-    """One usage entry per account with a non-zero charge, in account order; entry ids."""
-    entries = {}
-    for account_id in sorted(charges):
-        amount = charges[account_id]
-        if amount == 0:
-            continue
-        entry = ledger.post_usage(
-            session, account_id=account_id, amount_nanos=amount, batch=batch, now=now
-        )
-        entries[account_id] = entry.id
-    return entries
 
 
 def release_unpriced(session: Session) -> int:
