@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,21 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,lint]'
 	touch $@ $(VENV)/.installed-run
 
+# py-spy is only used by `make bench BENCH_ARGS=--profile`; it is a small self-contained wheel.
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -q 'py-spy>=0.4'
+	touch $@
+
 run: $(VENV)/.installed-run
 	$(BIN)/billing serve
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# The usage-metering benchmark: real gunicorn, Celery, PostgreSQL and Redis on this machine;
+# writes its results into BENCHMARKS.md (see bench/metering.py; BENCH_ARGS=--help for options).
+bench: $(VENV)/.installed-dev $(VENV)/.installed-bench
+	$(BIN)/python -m bench.metering $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -49,6 +49,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value is None:
             return None
         assert isinstance(value, dt.datetime)
+        if value.tzinfo is dt.UTC:  # PostgreSQL sessions run in UTC (see make_engine)
+            return value
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
@@ -105,7 +107,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # Sessions in UTC: timestamps come back already in the zone we hand out.
+    return create_engine(
+        url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"}, **kwargs
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
