@@ -148,6 +148,9 @@ def celery_init_app(app: Flask) -> Celery[Any]:
             # Retries fall due on the schedule of billing.webhooks; this sends them (and any
             # delivery whose after-commit trigger was lost).
             "deliver-webhooks": {"task": "workers.tasks.deliver_webhooks", "schedule": 5.0},
+            # Idempotent and cheap, so it runs often rather than once at 00:00 UTC on the 1st,
+            # which a beat that is down at that moment would miss.
+            "monthly-rollover": {"task": "workers.tasks.monthly_rollover", "schedule": 60.0},
         },
     )
     celery.set_default()

@@ -233,22 +233,36 @@ def refresh_keys_of(
     """Re-derive the state of every key of these accounts from fresh balances and spend."""
     if not account_ids:
         return []
+    query = select(ApiKey).where(ApiKey.account_id.in_(account_ids)).order_by(ApiKey.id)
+    return _refresh(session, list(session.scalars(query)), reason=reason, now=now)
+
+
+def refresh_quota_keys(session: Session, *, now: dt.datetime) -> list[ApiKey]:
+    """Re-derive every key held at ``monthly_quota_exceeded`` with ``now``'s month spend; returns
+    the keys that changed. Spend is summed per UTC month, so at the turn of a month these keys
+    return to active (or whatever else their facts call for). Safe to run at any time."""
+    query = (
+        select(ApiKey).where(ApiKey.state == KeyState.MONTHLY_QUOTA_EXCEEDED).order_by(ApiKey.id)
+    )
+    return _refresh(session, list(session.scalars(query)), reason="monthly quota reset", now=now)
+
+
+def _refresh(
+    session: Session, keys: list[ApiKey], *, reason: str, now: dt.datetime
+) -> list[ApiKey]:
+    """Re-derive ``keys`` from their accounts' fresh balances and this month's spend."""
+    if not keys:
+        return []
     accounts = {
         account.id: account
         for account in session.scalars(
             select(Account)
-            .where(Account.id.in_(account_ids))
+            .where(Account.id.in_({key.account_id for key in keys}))
             .execution_options(populate_existing=True)
         )
     }
-    keys = list(
-        session.scalars(
-            select(ApiKey).where(ApiKey.account_id.in_(account_ids)).order_by(ApiKey.id)
-        )
-    )
-    spend = rollups.month_spend(
-        session, [key.id for key in keys if key.monthly_cap_nanos is not None], now=now
-    )
+    capped = [key.id for key in keys if key.monthly_cap_nanos is not None]
+    spend = rollups.month_spend(session, capped, now=now)
     return [
         key
         for key in keys

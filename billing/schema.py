@@ -1,6 +1,17 @@
 """Every table, imported in one place for migrations and schema checks."""
 
-from billing import accounts, audit, auth, catalog, keys, ledger, rollups, usage_events, webhooks
+from billing import (
+    accounts,
+    audit,
+    auth,
+    catalog,
+    keys,
+    ledger,
+    rollups,
+    usage_events,
+    violations,
+    webhooks,
+)
 from billing.db import Base
 
 metadata = Base.metadata
@@ -14,5 +25,6 @@ __all__ = [
     "metadata",
     "rollups",
     "usage_events",
+    "violations",
     "webhooks",
 ]

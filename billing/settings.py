@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         "1.00", description="account.balance_low is sent when a balance falls to this or below."
     )
 
+    # Violations (billing.violations)
+    violation_threshold: int = Field(
+        3, ge=1, description="Content violations within the window that suspend a key (451)."
+    )
+    violation_window_hours: float = Field(
+        24, gt=0, description="The window, in hours, in which violations count toward suspension."
+    )
+
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:

@@ -8,8 +8,9 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from billing import ledger, settlement
+from billing import keys, ledger, settlement
 from billing.app import current_runtime
+from billing.db import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ def sweep() -> int:
 def deliver_webhooks() -> int:
     """Send due webhook deliveries, new ones and retries; returns the number of attempts."""
     return current_runtime().deliver_webhooks()
+
+
+@shared_task(acks_late=True)
+def monthly_rollover() -> int:
+    """Return keys held at the monthly quota to active once the month has turned; returns the
+    number of keys that changed."""
+    with current_runtime().transaction() as session:
+        changed = keys.refresh_quota_keys(session, now=utcnow())
+    return len(changed)
 
 
 @shared_task(acks_late=True)

@@ -22,6 +22,7 @@ from billing import (
     rollups,
     settlement,
     usage_events,
+    violations,
     webhooks,
 )
 from billing.api import render, schemas
@@ -203,6 +204,29 @@ def rotate_key(path: schemas.KeyPath) -> dict[str, Any]:
     at = now()
     row, secret = keys.rotate_key(session(), path.key_id, hmac_key=settings().hmac_key, now=at)
     return render.key_with_secret(row, secret, now=at).model_dump(mode="json")
+
+
+@admin.post("/keys/<key_id>/unsuspend", tags=KEYS, responses={200: schemas.KeyOut})
+def unsuspend_key(path: schemas.KeyPath) -> dict[str, Any]:
+    """Lift a suspension for content violations and clear the key's violations; the key takes
+    the state its other facts call for (e.g. 402 if the account is empty)."""
+    at = now()
+    row = violations.clear(session(), path.key_id, now=at)
+    return render.key(row, now=at).model_dump(mode="json")
+
+
+@admin.get(
+    "/keys/<key_id>/violations", tags=KEYS, responses={200: schemas.Page[schemas.ViolationOut]}
+)
+def list_violations(path: schemas.KeyPath, query: schemas.PageQuery) -> dict[str, Any]:
+    """A key's reported violations, newest first, cleared ones included."""
+    rows = violations.list_violations(
+        session(),
+        path.key_id,
+        before=schemas.decode_int_cursor(query.cursor),
+        limit=query.limit,
+    )
+    return _page([render.violation(row) for row in rows], query.limit, lambda item: item.id)
 
 
 # Ledger

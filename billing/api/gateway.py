@@ -12,7 +12,7 @@ from flask import Response, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
-from billing import keys, usage_events
+from billing import keys, usage_events, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.api.errors import json_body
@@ -130,6 +130,33 @@ def report_usage() -> Response | tuple[Response, int]:
         "rejected": [rejection.as_dict() for rejection in result.rejected],
     }
     return jsonify(answer), 202
+
+
+@gateway.post("/violations", tags=TAGS, responses={202: schemas.ViolationReported})
+def report_violation(body: schemas.ViolationReport) -> tuple[dict[str, Any], int]:
+    """Report a content-policy violation in a request made with a key.
+
+    Every report is recorded; when the key's violations within the configured window reach the
+    threshold (default 3 in 24 hours), the key is suspended (451) until an operator clears it.
+    Repeating a request id for the same key answers the first report with `duplicate: true`.
+    """
+    config = settings()
+    at = now()
+    result = violations.report(
+        session(),
+        request_id=body.request_id,
+        api_key=body.api_key,
+        key_id=body.key_id,
+        category=body.category,
+        detail=body.detail,
+        policy=violations.Policy(
+            threshold=config.violation_threshold,
+            window=dt.timedelta(hours=config.violation_window_hours),
+        ),
+        hmac_key=config.hmac_key,
+        now=at,
+    )
+    return render.violation_reported(result, now=at).model_dump(mode="json"), 202
 
 
 @gateway.get("/key-states", tags=TAGS, responses={200: schemas.KeyStateFeed})

@@ -20,6 +20,7 @@ from billing.money import format_usd
 from billing.pricing import breakdown_usd
 from billing.settlement import UnpricedModel
 from billing.usage_events import UsageEvent
+from billing.violations import Reported, Violation
 from billing.webhooks import (
     WebhookAttempt,
     WebhookDelivery,
@@ -260,4 +261,27 @@ def key_state_change(row: KeyStateChange, account_id: str) -> schemas.KeyStateCh
         http_status=ENFORCEMENT[KeyState(row.new_state)].http_status,
         reason=row.reason,
         changed_at=row.created_at,
+    )
+
+
+def violation_reported(result: Reported, *, now: dt.datetime) -> schemas.ViolationReported:
+    return schemas.ViolationReported(
+        id=result.violation.id,
+        key_id=result.key.id,
+        state=result.key.state_at(now),
+        suspended=result.key.suspended_at is not None,
+        duplicate=result.duplicate,
+    )
+
+
+def violation(row: Violation) -> schemas.ViolationOut:
+    return schemas.ViolationOut(
+        id=row.id,
+        key_id=row.key_id,
+        account_id=row.account_id,
+        request_id=row.request_id,
+        category=row.category,
+        detail=row.detail,
+        reported_at=row.reported_at,
+        cleared_at=row.cleared_at,
     )

@@ -175,6 +175,45 @@ class KeyPath(BaseModel):
     key_id: str
 
 
+# Violations
+
+
+class ViolationReport(Body):
+    """A content-policy violation the gateway detected in a request made with a key."""
+
+    request_id: str = Field(
+        min_length=1, max_length=200, description="The request; a repeat is a duplicate."
+    )
+    api_key: str | None = Field(None, description="The customer's key (or send key_id).")
+    key_id: str | None = None
+    category: str = Field(min_length=1, max_length=64, examples=["violence"])
+    detail: str | None = Field(None, max_length=2000)
+
+
+class ViolationReported(BaseModel):
+    object: Literal["violation"] = "violation"
+    id: int
+    key_id: str
+    state: str = Field(description="The key's state after the report.")
+    suspended: bool = Field(
+        description="The key is suspended for violations (its state is `suspended` unless a "
+        "state of higher precedence, such as `revoked`, applies)."
+    )
+    duplicate: bool = Field(description="This request id was already reported for this key.")
+
+
+class ViolationOut(BaseModel):
+    object: Literal["violation"] = "violation"
+    id: int
+    key_id: str
+    account_id: str
+    request_id: str
+    category: str
+    detail: str | None
+    reported_at: dt.datetime
+    cleared_at: dt.datetime | None = Field(description="When an operator cleared it, if so.")
+
+
 # Ledger
 
 
