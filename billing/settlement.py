@@ -34,7 +34,7 @@ from billing.pricing import Cost, Price, price_usage
 from billing.usage import TokenCounts, normalise_usage
 from billing.usage_events import EVENTS, EventStatus, UsageEvent
 
-BATCH_SIZE = 1000
+BATCH_SIZE = 2000
 
 
 @dataclass(frozen=True)

@@ -403,26 +403,36 @@ def _judge_repeat(
     result.rejected.append(Rejection(index, request_id, error))
 
 
+# A key never changes account, so the account of a key id, once read, is known for good (a
+# secret is not: rotation retires it). Bounded, and simply emptied when full.
+_ACCOUNT_OF_KEY: dict[str, str] = {}
+_ACCOUNT_OF_KEY_LIMIT = 100_000
+
+
 def _resolve_keys(
     session: Session, drafts: list[_Draft], hmac_key: bytes
 ) -> dict[str, tuple[str, str]]:
-    """(key id, account id) by the secret or key id each draft named, in one query."""
+    """(key id, account id) by the secret or key id each draft named, in one query at most."""
     secrets = {draft.key_secret for draft in drafts if draft.key_secret}
     by_hash = {keyed_hash(hmac_key, secret): secret for secret in secrets}
-    ids = {d.key_id for d in drafts if d.key_id}
-    if not by_hash and not ids:
-        return {}
+    ids = {draft.key_id for draft in drafts if draft.key_id}
+    unknown = ids.difference(_ACCOUNT_OF_KEY)
+    owners = {key_id: (key_id, _ACCOUNT_OF_KEY[key_id]) for key_id in ids - unknown}
+    if not by_hash and not unknown:
+        return owners
     rows = session.execute(
         select(ApiKey.id, ApiKey.account_id, ApiKey.key_hash).where(
-            ApiKey.key_hash.in_(by_hash) | ApiKey.id.in_(ids)
+            ApiKey.key_hash.in_(by_hash) | ApiKey.id.in_(unknown)
         )
     )
-    owners: dict[str, tuple[str, str]] = {}
+    if len(_ACCOUNT_OF_KEY) > _ACCOUNT_OF_KEY_LIMIT:
+        _ACCOUNT_OF_KEY.clear()
     for key_id, account_id, key_hash in rows:
         if key_hash in by_hash:
             owners[by_hash[key_hash]] = (key_id, account_id)
         if key_id in ids:
             owners[key_id] = (key_id, account_id)
+            _ACCOUNT_OF_KEY[key_id] = account_id
     return owners
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from billing import ledger, mirror, settlement
 from billing.settings import Settings
+from billing.settlement import BATCH_SIZE
 from tests.conftest import TEST_DATABASE_URL, worker_env
 from tests.reliability.conftest import (
     Api,
@@ -308,12 +309,12 @@ def test_two_workers_drain_a_backlog_together_without_overlap_or_gaps(
         committed, "SELECT DISTINCT reference FROM ledger_entries WHERE kind = 'usage'"
     )
     assert all(row.reference.startswith("settlement:") for row in references)
-    # One entry per account per batch, at most 1000 events a batch.
+    # One entry per account per batch, at most BATCH_SIZE events a batch.
     batches = scalar(
         committed,
         "SELECT count(DISTINCT reference) FROM ledger_entries WHERE kind = 'usage'",
     )
-    assert batches >= total // 1000
+    assert batches >= total // BATCH_SIZE
 
     # Each worker logs what each settle task claimed: both did part of the work, and together
     # exactly all of it (a helper task that found nothing left returns 0).
