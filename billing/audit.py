@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.db import Base, BigIntId
+from billing.db import Base, BigIntId, newest_first
 
 # Request fields never copied into the log, whatever endpoint they come to.
 SECRET_FIELDS = frozenset({"key", "token", "secret", "api_key", "password"})
@@ -62,7 +62,5 @@ def record(
 
 def entries(session: Session, *, before: int | None, limit: int) -> list[AuditEntry]:
     """Audit entries, newest first, starting before the entry id ``before``."""
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
-    if before is not None:
-        query = query.where(AuditEntry.id < before)
+    query = newest_first(select(AuditEntry), AuditEntry.id, before=before, limit=limit)
     return list(session.scalars(query))

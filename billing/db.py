@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -20,11 +20,14 @@ from sqlalchemy import (
     Engine,
     Integer,
     MetaData,
+    Select,
     create_engine,
     event,
 )
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+T = TypeVar("T")
 
 # Integer ids that are 64-bit on PostgreSQL and still autoincrement on SQLite (whose
 # autoincrement only works on a column declared exactly INTEGER).
@@ -87,6 +90,14 @@ def _isoformat(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.isoformat()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def newest_first(
+    query: Select[T], id_column: InstrumentedAttribute[int], *, before: int | None, limit: int
+) -> Select[T]:
+    """One page of ``query`` by descending id, starting before the id ``before``."""
+    query = query.order_by(id_column.desc()).limit(limit)
+    return query if before is None else query.where(id_column < before)
 
 
 def utcnow() -> dt.datetime:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing import webhooks
 from billing.accounts import Account, get_account
-from billing.db import Base, BigIntId
+from billing.db import Base, BigIntId, newest_first
 from billing.errors import Conflict, InvalidRequest
 from billing.keys import refresh_account_keys
 from billing.money import MAX_AMOUNT_NANOS, Nanos, format_usd
@@ -225,15 +225,8 @@ def entries(
 ) -> list[LedgerEntry]:
     """An account's entries, newest first, starting before the entry id ``before``."""
     get_account(session, account_id)
-    query = (
-        select(LedgerEntry)
-        .where(LedgerEntry.account_id == account_id)
-        .order_by(LedgerEntry.id.desc())
-        .limit(limit)
-    )
-    if before is not None:
-        query = query.where(LedgerEntry.id < before)
-    return list(session.scalars(query))
+    query = select(LedgerEntry).where(LedgerEntry.account_id == account_id)
+    return list(session.scalars(newest_first(query, LedgerEntry.id, before=before, limit=limit)))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing import keys
 from billing.accounts import get_account
-from billing.db import Base, BigIntId
+from billing.db import Base, BigIntId, newest_first
 from billing.errors import BillingError, InvalidRequest
 from billing.keys import ApiKey
 from billing.tokens import keyed_hash
@@ -195,15 +195,8 @@ def list_violations(
     """A key's violations, newest first, starting before the violation id ``before``; raises
     KeyNotFound."""
     keys.get_key(session, key_id)
-    query = (
-        select(Violation)
-        .where(Violation.key_id == key_id)
-        .order_by(Violation.id.desc())
-        .limit(limit)
-    )
-    if before is not None:
-        query = query.where(Violation.id < before)
-    return list(session.scalars(query))
+    query = select(Violation).where(Violation.key_id == key_id)
+    return list(session.scalars(newest_first(query, Violation.id, before=before, limit=limit)))
 
 
 def _duration(window: dt.timedelta) -> str:

@@ -45,7 +45,7 @@ from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship, sessionmaker
 from standardwebhooks import Webhook
 
-from billing.db import Base, BigIntId, transaction, utcnow
+from billing.db import Base, BigIntId, newest_first, transaction, utcnow
 from billing.effects import mark_webhooks_pending
 from billing.errors import Conflict, InvalidRequest, NotFound
 from billing.money import Nanos, format_usd
@@ -405,17 +405,11 @@ def deliveries(
     """An endpoint's deliveries (with ``status``, if given), newest first, starting before the
     delivery id ``before``; raises EndpointNotFound."""
     get_endpoint(session, endpoint_id)
-    query = (
-        select(WebhookDelivery)
-        .where(WebhookDelivery.endpoint_id == endpoint_id)
-        .order_by(WebhookDelivery.id.desc())
-        .limit(limit)
-    )
+    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
     if status is not None:
         query = query.where(WebhookDelivery.status == status)
-    if before is not None:
-        query = query.where(WebhookDelivery.id < before)
-    return list(session.scalars(query))
+    page = newest_first(query, WebhookDelivery.id, before=before, limit=limit)
+    return list(session.scalars(page))
 
 
 def get_delivery(session: Session, delivery_id: int) -> WebhookDelivery:
