@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask.testing import FlaskClient
+
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -19,3 +21,16 @@ def assert_error(response: Any, status: int, code: str, param: str | None = None
         if status == 400:  # a validation error names the field it refuses
             assert param in body["error"]["message"]
     return body["error"]  # type: ignore[no-any-return]
+
+
+def new_key(admin: FlaskClient, account_id: str, **fields: Any) -> dict[str, Any]:
+    """A key of ``account_id`` issued through the admin API (its secret in ``key``)."""
+    response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", **fields})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()  # type: ignore[no-any-return]
+
+
+def key_state(admin: FlaskClient, key_id: str) -> tuple[str, int]:
+    """A key's state and HTTP status, as the admin API shows them."""
+    body = admin.get(f"/admin/v1/keys/{key_id}").get_json()
+    return body["state"], body["http_status"]

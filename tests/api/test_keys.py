@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from billing import keys
 from billing.app import Runtime
 from billing.keys import ApiKey, KeyStateChange
-from tests.support import assert_error
+from tests.support import assert_error, new_key
 
 KEY_FORMAT = re.compile(r"sk-[0-9A-Za-z]{40,}")
 
@@ -25,12 +25,6 @@ def new_account(admin: FlaskClient) -> str:
     response = admin.post("/admin/v1/accounts", json={"name": "key owner"})
     assert response.status_code == 201
     return response.get_json()["id"]  # type: ignore[no-any-return]
-
-
-def new_key(admin: FlaskClient, account_id: str, **fields: Any) -> dict[str, Any]:
-    response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", **fields})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
 
 
 def adjust(admin: FlaskClient, account_id: str, amount: str) -> None:

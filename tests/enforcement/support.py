@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -22,17 +21,6 @@ def new_account(admin: FlaskClient, credit: str = "10") -> str:
         )
         assert response.status_code == 201, response.get_json()
     return account_id
-
-
-def new_key(admin: FlaskClient, account_id: str, **fields: Any) -> dict[str, Any]:
-    response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", **fields})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
-
-
-def key_state(admin: FlaskClient, key_id: str) -> tuple[str, int]:
-    body = admin.get(f"/admin/v1/keys/{key_id}").get_json()
-    return body["state"], body["http_status"]
 
 
 def state_changes(db: Session, key_id: str) -> list[tuple[str | None, str, str]]:

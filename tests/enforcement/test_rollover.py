@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from billing import keys, rollups
 from billing.db import utcnow
-from tests.enforcement.support import key_state, new_account, new_key, state_changes
+from tests.enforcement.support import new_account, state_changes
+from tests.support import key_state, new_key
 from workers import tasks
 
 CODE = "doubao-seed-2-0-code"  # 1_000 input tokens cost 1_490_000 nano-USD

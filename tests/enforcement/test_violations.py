@@ -16,8 +16,8 @@ from billing.app import Runtime
 from billing.db import utcnow
 from billing.settings import Settings
 from tests.conftest import TEST_REDIS_URL
-from tests.enforcement.support import key_state, new_account, new_key, rid, state_changes
-from tests.support import assert_error
+from tests.enforcement.support import new_account, rid, state_changes
+from tests.support import assert_error, key_state, new_key
 
 VIOLATIONS = "/gateway/v1/violations"
 SUSPENDED_REASON = "3 content violations in 24h"

@@ -27,6 +27,7 @@ from billing.db import utcnow
 from billing.keys import KeyStateChange
 from billing.ledger import LedgerEntry
 from billing.usage_events import UsageEvent
+from tests.support import key_state, new_key
 
 USAGE = "/gateway/v1/usage"
 USD9 = re.compile(r"-?[0-9]+\.[0-9]{9}")
@@ -109,17 +110,6 @@ def adjust(admin: FlaskClient, account_id: str, amount: str) -> None:
         headers={"Idempotency-Key": str(uuid.uuid4())},
     )
     assert response.status_code == 201, response.get_json()
-
-
-def new_key(admin: FlaskClient, account_id: str, **fields: Any) -> dict[str, Any]:
-    response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", **fields})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
-
-
-def key_state(admin: FlaskClient, key_id: str) -> tuple[str, int]:
-    body = admin.get(f"/admin/v1/keys/{key_id}").get_json()
-    return body["state"], body["http_status"]
 
 
 def balance(admin: FlaskClient, account_id: str) -> int:
