@@ -26,16 +26,17 @@ class Account(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str | None] = mapped_column(String(320))
     balance_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Open holds placed through PostgreSQL (``billing.holds``); holds placed through Redis are
+    # counted there. Written only by ``billing.holds``.
+    held_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Moves with every change of ``balance_nanos``, so that copies of the balance (the Redis
+    # hot path) can tell a newer value from an older one.
+    balance_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[dt.datetime]
 
     @property
-    def held_nanos(self) -> Nanos:
-        """Open holds against the balance. Holds arrive with gateway authorization (issue #4)."""
-        return 0
-
-    @property
     def available_nanos(self) -> Nanos:
-        """What can still be spent: balance minus open holds."""
+        """What can still be spent: balance minus the open holds PostgreSQL knows of."""
         return self.balance_nanos - self.held_nanos
 
 
@@ -45,7 +46,15 @@ class AccountNotFound(NotFound):
 
 def create_account(session: Session, *, name: str, email: str | None, now: dt.datetime) -> Account:
     """Open an account with a zero balance."""
-    account = Account(id=new_id("acct"), name=name, email=email, balance_nanos=0, created_at=now)
+    account = Account(
+        id=new_id("acct"),
+        name=name,
+        email=email,
+        balance_nanos=0,
+        held_nanos=0,
+        balance_version=0,
+        created_at=now,
+    )
     session.add(account)
     session.flush()
     return account

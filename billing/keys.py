@@ -105,6 +105,8 @@ class ApiKey(Base):
     state: Mapped[str] = mapped_column(String(32))
     rate_limit: Mapped[str | None] = mapped_column(String(100))
     monthly_cap_nanos: Mapped[int | None] = mapped_column(BigInteger)
+    # Open holds of this key placed through PostgreSQL (``billing.holds``), for its monthly cap.
+    held_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
     expires_at: Mapped[dt.datetime | None]
     disabled_at: Mapped[dt.datetime | None]
@@ -340,6 +342,7 @@ def issue_key(
         state=None,
         rate_limit=settings.rate_limit,
         monthly_cap_nanos=settings.monthly_cap_nanos,
+        held_nanos=0,
         allowed_models=settings.allowed_models,
         expires_at=settings.expires_at,
         created_at=now,
