@@ -6,7 +6,7 @@ succeeded, so a rolled-back transaction has no effect outside the database.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
@@ -18,6 +18,19 @@ CHANGED_KEYS = "changed_keys"
 USAGE_PENDING = "usage_pending"
 PRICES_CHANGED = "prices_changed"
 WEBHOOKS_PENDING = "webhooks_pending"
+ACCOUNTS = "account_snapshots"
+SETTLED_REQUESTS = "settled_requests"
+
+
+@dataclass
+class AccountSnapshot:
+    """An account's balance as of a version, with its capped keys' spend this month, for the
+    hot path's copy (``billing.hotpath``)."""
+
+    version: int
+    balance_nanos: int
+    month_spend: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """key id -> (UTC month ``YYYY-MM``, settled spend in that month)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,8 @@ class Marks:
     usage_pending: bool
     prices_changed: bool
     webhooks_pending: bool
+    accounts: dict[str, AccountSnapshot]
+    settled_requests: list[str]
 
 
 def mark_keys_changed(session: Session, keys: list[ApiKey]) -> None:
@@ -50,6 +65,28 @@ def mark_webhooks_pending(session: Session) -> None:
     session.info[WEBHOOKS_PENDING] = True
 
 
+def mark_account(
+    session: Session,
+    account_id: str,
+    *,
+    version: int,
+    balance_nanos: int,
+    month_spend: dict[str, tuple[str, int]],
+) -> None:
+    """The account's balance (at ``version``) and these keys' spend are current: copy them to
+    the hot path after commit."""
+    snapshots: dict[str, AccountSnapshot] = session.info.setdefault(ACCOUNTS, {})
+    snapshot = snapshots.get(account_id)
+    if snapshot is None or snapshot.version <= version:
+        spend = {**snapshot.month_spend, **month_spend} if snapshot else dict(month_spend)
+        snapshots[account_id] = AccountSnapshot(version, balance_nanos, spend)
+
+
+def mark_requests_settled(session: Session, request_ids: list[str]) -> None:
+    """These requests' usage is settled: release their hot-path holds after commit."""
+    session.info.setdefault(SETTLED_REQUESTS, []).extend(request_ids)
+
+
 def take(session: Session) -> Marks:
     """The marks of a committed transaction, cleared."""
     info = session.info
@@ -58,4 +95,6 @@ def take(session: Session) -> Marks:
         usage_pending=info.pop(USAGE_PENDING, False),
         prices_changed=info.pop(PRICES_CHANGED, False),
         webhooks_pending=info.pop(WEBHOOKS_PENDING, False),
+        accounts=info.pop(ACCOUNTS, {}),
+        settled_requests=info.pop(SETTLED_REQUESTS, []),
     )

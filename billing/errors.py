@@ -14,6 +14,8 @@ class BillingError(Exception):
     status = 400
     code = "invalid_request"
     type = "invalid_request_error"
+    retry_after: int | None = None
+    """Seconds after which a retry may succeed (sent as ``Retry-After``); None: not said."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from limits import parse as parse_rate_limit
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from billing import catalog, rollups, webhooks
 from billing.accounts import Account, get_account
 from billing.db import Base, BigIntId
-from billing.effects import mark_keys_changed
+from billing.effects import mark_account, mark_keys_changed
 from billing.errors import InvalidRequest, NotFound
 from billing.tokens import keyed_hash, mask, new_id, new_secret
 
@@ -171,7 +172,9 @@ def derive_state(
 ) -> KeyState:
     """The state the facts call for; the first applicable row of the state table wins.
 
-    ``month_spend`` is the key's settled spend in the current UTC month, in nano-dollars.
+    ``month_spend`` is the key's settled spend in the current UTC month, in nano-dollars. The
+    state follows settled money only: a hold that does not fit is refused at authorize time
+    (``billing.authorize``) without changing the key's state, as holds come and go by the second.
     """
     if key.revoked_at is not None:
         return KeyState.REVOKED
@@ -181,7 +184,7 @@ def derive_state(
         return KeyState.EXPIRED
     if key.suspended_at is not None:
         return KeyState.SUSPENDED
-    if account.available_nanos <= 0:
+    if account.balance_nanos <= 0:
         return KeyState.INSUFFICIENT_BALANCE
     if key.monthly_cap_nanos is not None and month_spend >= key.monthly_cap_nanos:
         return KeyState.MONTHLY_QUOTA_EXCEEDED
@@ -195,9 +198,34 @@ def refresh_state(
     spend = (
         rollups.month_spend(session, [key.id], now=now) if key.monthly_cap_nanos is not None else {}
     )
+    _mark_snapshots(session, [account], [key], spend, now)
     return _apply(
         session, key, derive_state(key, account, now, month_spend=spend.get(key.id, 0)), reason, now
     )
+
+
+def _mark_snapshots(
+    session: Session,
+    accounts: Iterable[Account],
+    keys: list[ApiKey],
+    spend: dict[str, int],
+    now: dt.datetime,
+) -> None:
+    """Have these fresh balances, and the month spend of their capped keys, copied to the hot
+    path after commit."""
+    month = rollups.month_key(now)
+    capped: dict[str, dict[str, tuple[str, int]]] = {}
+    for key in keys:
+        if key.monthly_cap_nanos is not None:
+            capped.setdefault(key.account_id, {})[key.id] = (month, spend.get(key.id, 0))
+    for account in accounts:
+        mark_account(
+            session,
+            account.id,
+            version=account.balance_version,
+            balance_nanos=account.balance_nanos,
+            month_spend=capped.get(account.id, {}),
+        )
 
 
 def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.datetime) -> bool:
@@ -265,6 +293,7 @@ def _refresh(
     }
     capped = [key.id for key in keys if key.monthly_cap_nanos is not None]
     spend = rollups.month_spend(session, capped, now=now)
+    _mark_snapshots(session, accounts.values(), keys, spend, now)
     return [
         key
         for key in keys
@@ -399,6 +428,8 @@ def update_key(
     refresh_state(
         session, key, get_account(session, key.account_id), reason="updated by an operator", now=now
     )
+    # Limits the hot path enforces may have changed with the state unchanged.
+    mark_keys_changed(session, [key])
     return key
 
 
@@ -428,6 +459,7 @@ def rotate_key(
     key.key_hash = keyed_hash(hmac_key, secret)
     key.display_prefix, key.last4 = mask(secret)
     session.flush()
+    mark_keys_changed(session, [key])
     return key, secret
 
 

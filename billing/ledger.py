@@ -194,7 +194,10 @@ def _move_balance(session: Session, entry: LedgerEntry) -> None:
     balance = session.execute(
         update(Account)
         .where(Account.id == entry.account_id)
-        .values(balance_nanos=Account.balance_nanos + entry.amount_nanos)
+        .values(
+            balance_nanos=Account.balance_nanos + entry.amount_nanos,
+            balance_version=Account.balance_version + 1,
+        )
         .returning(Account.balance_nanos)
     ).scalar_one()
     # The balance this entry moved from, exactly: the increment is atomic.

@@ -20,6 +20,11 @@ from billing.keys import CHANGE_COMMIT_LAG, ENFORCEMENT, ApiKey, KeyState, KeySt
 
 CURSOR = "billing:mirror:cursor"
 KEY_PREFIX = "billing:key:"
+HASH_PREFIX = "billing:kh:"
+ALL_MODELS = "*"
+# Redis scripts compute in doubles, exact for integers below 2**53 nano-dollars (about nine
+# million dollars); larger amounts are copied as this limit, which only ever refuses more.
+EXACT_LIMIT = 2**53 - 1
 
 
 def key_name(key_id: str) -> str:
@@ -27,9 +32,16 @@ def key_name(key_id: str) -> str:
     return KEY_PREFIX + key_id
 
 
+def hash_name(key_hash: str) -> str:
+    """The Redis string naming the key whose secret has this keyed hash."""
+    return HASH_PREFIX + key_hash
+
+
 def _write(pipe: redis.client.Pipeline, keys: Iterable[ApiKey]) -> None:
     for key in keys:
         state = KeyState(key.state)
+        expires = key.expires_at
+        cap = key.monthly_cap_nanos
         pipe.hset(
             key_name(key.id),
             mapping={
@@ -37,8 +49,16 @@ def _write(pipe: redis.client.Pipeline, keys: Iterable[ApiKey]) -> None:
                 "http_status": ENFORCEMENT[state].http_status,
                 "account_id": key.account_id,
                 "key_hash": key.key_hash,
+                # What authorize enforces besides the state (billing.hotpath).
+                "expires_ms": "" if expires is None else int(expires.timestamp() * 1000),
+                "cap": "" if cap is None else min(cap, EXACT_LIMIT),
+                "models": ALL_MODELS
+                if key.allowed_models is None
+                else ",".join(key.allowed_models),
+                "rate_limit": key.rate_limit or "",
             },
         )
+        pipe.set(hash_name(key.key_hash), key.id)
 
 
 def rebuild(session: Session, client: redis.Redis) -> int:

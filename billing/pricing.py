@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from billing.money import Nanos, format_femto_usd, format_usd, round_femto
+from billing.money import FEMTOS_PER_NANO, Nanos, format_femto_usd, format_usd, round_femto
 from billing.usage import TokenCounts
 
 
@@ -124,3 +124,13 @@ def price_usage(counts: TokenCounts, price: Price) -> Cost:
         output_femtos=(counts.output_tokens - counts.reasoning_tokens) * price.output_nanos_per_m,
         reasoning_femtos=counts.reasoning_tokens * price.reasoning,
     )
+
+
+def worst_case_cost(price: Price, *, input_tokens: int, max_output_tokens: int) -> Nanos:
+    """The most a request can cost: its input at the input price and every possible output
+    token at the dearer of the output and reasoning prices, rounded up to a nano-dollar (a
+    hold never falls short of the charge for these counts by rounding)."""
+    femtos = input_tokens * price.input_nanos_per_m + max_output_tokens * max(
+        price.output_nanos_per_m, price.reasoning
+    )
+    return -(-femtos // FEMTOS_PER_NANO)

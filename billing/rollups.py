@@ -111,6 +111,11 @@ def month_start(now: dt.datetime) -> dt.date:
     return now.astimezone(dt.UTC).date().replace(day=1)
 
 
+def month_key(now: dt.datetime) -> str:
+    """The UTC month of ``now`` as ``YYYY-MM``."""
+    return now.astimezone(dt.UTC).strftime("%Y-%m")
+
+
 def month_spend(session: Session, key_ids: Sequence[str], *, now: dt.datetime) -> dict[str, Nanos]:
     """Settled spend of each key in the current UTC month."""
     if not key_ids:

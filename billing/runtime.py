@@ -9,18 +9,25 @@ process dies between commit and effect), the periodic sweep and mirror sync catc
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import redis
+from limits.storage import MemoryStorage, RedisStorage
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import effects, mirror, settlement, webhooks
+from billing import effects, holds, mirror, settlement, webhooks
+from billing.accounts import Account
+from billing.auth import ActorCache
+from billing.authorize import Authorizer, RateLimits
 from billing.db import transaction, utcnow
+from billing.hotpath import HotPath
 from billing.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,50 @@ class Runtime:
     redis: redis.Redis | None = None
     celery: Any = field(default=None, repr=False)
 
+    @cached_property
+    def gateway_actors(self) -> ActorCache:
+        """The gateway tokens this process has recently accepted (billing.auth.ActorCache)."""
+        return ActorCache()
+
+    @cached_property
+    def hotpath(self) -> HotPath | None:
+        """The Redis side of authorize, or None on the embedded default."""
+        return None if self.redis is None else HotPath(self.redis)
+
+    @cached_property
+    def authorizer(self) -> Authorizer:
+        """Authorize for this process (billing.authorize)."""
+        settings = self.settings
+        memory = RateLimits(MemoryStorage())
+        return Authorizer(
+            hmac_key=settings.hmac_key,
+            hold_ttl=dt.timedelta(seconds=settings.hold_ttl_seconds),
+            default_max_output_tokens=settings.hold_default_max_output_tokens,
+            hotpath=self.hotpath,
+            rate_limits=(
+                memory
+                if self.redis is None
+                else RateLimits(
+                    RedisStorage(
+                        settings.redis_url or "", connection_pool=self.redis.connection_pool
+                    )
+                )
+            ),
+            # With Redis down, each process limits the requests it authorizes itself.
+            fallback_rate_limits=memory,
+            fall_back_to_postgres=settings.authorize_when_redis_down == "postgres",
+        )
+
+    def held_nanos(self, account: Account) -> int:
+        """The account's open holds: those in PostgreSQL and, if reachable, those in Redis."""
+        held = account.held_nanos
+        if self.hotpath is not None:
+            try:
+                held += self.hotpath.held_nanos(account.id)
+            except redis.RedisError:
+                log.warning("Redis unavailable: held amounts shown without its holds")
+        return held
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session committed at the end of the block, followed by its after-commit effects."""
@@ -59,6 +110,14 @@ class Runtime:
             except redis.RedisError:
                 log.warning(
                     "Redis unavailable: %d key states wait for the next mirror sync", len(changed)
+                )
+        if (marks.accounts or marks.settled_requests) and self.hotpath is not None:
+            try:
+                self.hotpath.publish(marks.accounts, marks.settled_requests)
+            except redis.RedisError:
+                # Balances are copied again by the sweep; unreleased holds expire.
+                log.warning(
+                    "Redis unavailable: %d balances wait for the sweep", len(marks.accounts)
                 )
         usage_pending = marks.usage_pending
         if marks.prices_changed:
@@ -104,11 +163,23 @@ class Runtime:
                 return total
 
     def sync_mirror(self) -> int:
-        """Bring the Redis mirror up to date (rebuilding it if Redis lost it)."""
-        if self.redis is None:
+        """Bring the Redis copies (key states, balances) up to date; returns the keys written."""
+        if self.redis is None or self.hotpath is None:
             return 0
         with self.transaction() as session:
-            return mirror.sync(session, self.redis, now=utcnow())
+            now = utcnow()
+            self.hotpath.sync_balances(session, now=now)
+            return mirror.sync(session, self.redis, now=now)
+
+    def expire_holds(self, *, now: dt.datetime | None = None) -> int:
+        """Release the holds past their expiry at ``now`` (default: the present), in PostgreSQL
+        and Redis; returns how many."""
+        now = now or utcnow()
+        with self.transaction() as session:
+            expired = holds.expire(session, now=now)
+        if self.hotpath is not None:
+            expired += self.hotpath.expire(now=now)
+        return expired
 
     # Webhooks (billing.webhooks)
 

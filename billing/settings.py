@@ -11,6 +11,7 @@ import math
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,22 @@ class Settings(BaseSettings):
     )
     balance_low_threshold_usd: str = Field(
         "1.00", description="account.balance_low is sent when a balance falls to this or below."
+    )
+
+    # Authorize and holds (billing.authorize)
+    hold_ttl_seconds: int = Field(
+        600, ge=1, description="Seconds after which a hold no usage settled is released."
+    )
+    hold_default_max_output_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Output tokens a hold covers when neither the gateway nor the model's price"
+        " says a maximum.",
+    )
+    authorize_when_redis_down: Literal["postgres", "refuse"] = Field(
+        "postgres",
+        description="What authorize does when Redis is unreachable: check and hold through"
+        " PostgreSQL with row locks, or refuse with 503.",
     )
 
     # Violations (billing.violations)

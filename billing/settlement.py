@@ -11,6 +11,8 @@ Invariants:
 - Balances move through the ledger only: one usage entry per account per batch, for the exact
   sum of the stored, rounded event costs. Accounts are charged in id order, so concurrent
   batches lock rows in the same order and cannot deadlock.
+- Settling an event releases the hold its request placed at authorize time (``billing.holds``,
+  ``billing.hotpath``); the event is charged its full cost whatever the hold was.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
-from billing import catalog, keys, ledger, rollups
+from billing import catalog, holds, keys, ledger, rollups
 from billing.catalog import PriceVersion
 from billing.db import json_document
+from billing.effects import mark_requests_settled
 from billing.money import Nanos
 from billing.pricing import Cost, Price, price_usage
 from billing.usage import TokenCounts, normalise_usage
@@ -92,6 +95,7 @@ class Claimed(NamedTuple):
     """What settlement needs of a pending event (not its raw report)."""
 
     id: int
+    request_id: str
     account_id: str
     key_id: str
     model: str
@@ -159,8 +163,18 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
     # Rows other batches also write come last, so their locks are held only until the commit.
     rollups.add(session, ((event, version.model_id, cost) for event, version, cost in priced))
     ledger.move_balances(session, entries.values())
+    _release_holds(session, [event for event, _, _ in priced], now=now)
     keys.refresh_keys_of(session, sorted(charges), reason="usage settled", now=now)
     return BatchResult(len(events), len(priced), len(parked), len(entries))
+
+
+def _release_holds(session: Session, settled: list[Claimed], *, now: dt.datetime) -> None:
+    """Release the holds of the settled requests: those placed through PostgreSQL now, those
+    placed through Redis after the commit (with the balances the batch produced)."""
+    request_ids = [event.request_id for event in settled]
+    if holds.open_holds(session, {event.account_id for event in settled}):
+        holds.release(session, request_ids, reason="settled", now=now)
+    mark_requests_settled(session, request_ids)
 
 
 OUTCOME_COLUMNS = (

@@ -30,6 +30,12 @@ def sweep() -> int:
 
 
 @shared_task(acks_late=True)
+def expire_holds() -> int:
+    """Release holds whose request reported no usage within their lifetime; returns how many."""
+    return current_runtime().expire_holds()
+
+
+@shared_task(acks_late=True)
 def deliver_webhooks() -> int:
     """Send due webhook deliveries, new ones and retries; returns the number of attempts."""
     return current_runtime().deliver_webhooks()

@@ -26,7 +26,8 @@ from billing import (
     webhooks,
 )
 from billing.api import render, schemas
-from billing.api.context import bearer_token, now, session, settings
+from billing.api.context import bearer_token, held, now, session, settings
+from billing.app import current_runtime
 from billing.auth import Role, authenticate
 from billing.errors import InvalidRequest
 from billing.money import parse_usd
@@ -99,7 +100,7 @@ def _page(items: list[Any], limit: int, position: Any) -> dict[str, Any]:
 def create_account(body: schemas.AccountCreate) -> tuple[dict[str, Any], int]:
     """Open an account with a zero balance."""
     row = accounts.create_account(session(), name=body.name, email=body.email, now=now())
-    return render.account(row).model_dump(mode="json"), 201
+    return render.account(row, held_nanos=0).model_dump(mode="json"), 201
 
 
 @admin.get("/accounts", tags=ACCOUNTS, responses={200: schemas.Page[schemas.AccountOut]})
@@ -108,13 +109,18 @@ def list_accounts(query: schemas.PageQuery) -> dict[str, Any]:
     rows = accounts.list_accounts(
         session(), after=schemas.decode_cursor(query.cursor), limit=query.limit
     )
-    return _page([render.account(row) for row in rows], query.limit, lambda item: item.id)
+    return _page(
+        [render.account(row, held_nanos=held(row)) for row in rows],
+        query.limit,
+        lambda item: item.id,
+    )
 
 
 @admin.get("/accounts/<account_id>", tags=ACCOUNTS, responses={200: schemas.AccountOut})
 def get_account(path: schemas.AccountPath) -> dict[str, Any]:
     """An account with its balance, held and available amounts."""
-    return render.account(accounts.get_account(session(), path.account_id)).model_dump(mode="json")
+    row = accounts.get_account(session(), path.account_id)
+    return render.account(row, held_nanos=held(row)).model_dump(mode="json")
 
 
 # Keys
@@ -341,8 +347,10 @@ def list_gateway_tokens() -> dict[str, Any]:
 
 @admin.post("/gateway-tokens/<token_id>/revoke", tags=GATEWAY, responses={200: schemas.TokenOut})
 def revoke_gateway_token(path: schemas.TokenPath) -> dict[str, Any]:
-    """Revoke a gateway token; it is refused from now on."""
+    """Revoke a gateway token; it is refused from now on (by other API processes, which
+    remember accepted tokens briefly, within 10 seconds)."""
     row = auth.revoke_token(session(), path.token_id, role=Role.GATEWAY, now=now())
+    current_runtime().gateway_actors.clear()
     return render.token(row).model_dump(mode="json")
 
 
@@ -484,3 +492,4 @@ def replay_webhook_delivery(path: schemas.WebhookDeliveryPath) -> tuple[dict[str
     """Send a delivery's event again, as a new delivery with the same `webhook-id`."""
     row = webhooks.replay(session(), path.delivery_id, now=now())
     return render.webhook_delivery(row).model_dump(mode="json"), 201
+

@@ -12,6 +12,7 @@ from billing.app import current_runtime
 from billing.db import utcnow
 
 if TYPE_CHECKING:
+    from billing.accounts import Account
     from billing.settings import Settings
 
 
@@ -25,6 +26,11 @@ def session() -> Session:
     if "db_session" not in g:
         g.db_session = current_runtime().sessions()
     return g.db_session  # type: ignore[no-any-return]
+
+
+def held(account: Account) -> int:
+    """The account's open holds, in PostgreSQL and Redis."""
+    return current_runtime().held_nanos(account)
 
 
 def now() -> dt.datetime:

@@ -79,7 +79,12 @@ def json_body() -> Any:
 
 
 def _billing_error(exc: BillingError) -> Response:
-    return error_response(exc.status, exc.message, code=exc.code, type_=exc.type, param=exc.param)
+    response = error_response(
+        exc.status, exc.message, code=exc.code, type_=exc.type, param=exc.param
+    )
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _http_error(exc: HTTPException) -> Response:

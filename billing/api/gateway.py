@@ -16,8 +16,12 @@ from billing import keys, usage_events, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.api.errors import json_body
-from billing.auth import Role, authenticate
+from billing.app import current_runtime
+from billing.auth import Role
+from billing.authorize import AuthorizeRequest
 from billing.errors import InvalidRequest
+from billing.money import format_usd
+from billing.usage import MAX_TOKENS
 
 gateway = APIBlueprint(
     "gateway",
@@ -84,13 +88,82 @@ USAGE_BODY = {
 def _authenticate() -> None:
     config = settings()
     bootstrap = config.billing_gateway_token
-    g.actor = authenticate(
-        session(),
+    g.actor = current_runtime().gateway_actors.authenticate(
+        session,
         bearer_token(),
         role=Role.GATEWAY,
         bootstrap=bootstrap.get_secret_value() if bootstrap else None,
         hmac_key=config.hmac_key,
     )
+
+
+class AuthorizeIn(BaseModel):
+    """A request about to be sent upstream, with what its cost can be estimated from."""
+
+    api_key: str = Field(max_length=200, description="The customer's key, `sk-...`.")
+    model: str = Field(max_length=200, examples=["doubao-seed-2-0-lite"])
+    request_id: str = Field(
+        min_length=1, max_length=200, description="The id its usage will be reported with."
+    )
+    input_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="Estimated input tokens.")
+    max_output_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Default: the model's max_output_tokens."
+    )
+
+
+class AuthorizeOut(BaseModel):
+    allow: Literal[True] = True
+    key_id: str
+    account_id: str
+    hold_id: str
+    hold_usd: str = Field(description="The worst-case cost reserved for this request.")
+    available_usd: str = Field(description="What the account has left to hold after this one.")
+    expires_at: dt.datetime = Field(description="When the hold lapses if no usage settles it.")
+
+
+@gateway.post(
+    "/authorize",
+    tags=TAGS,
+    responses={
+        200: AuthorizeOut,
+        402: schemas.ErrorOut,
+        403: schemas.ErrorOut,
+        429: schemas.ErrorOut,
+        451: schemas.ErrorOut,
+    },
+)
+def authorize(body: AuthorizeIn) -> dict[str, Any]:
+    """May this key make this request? If so, hold its worst-case cost.
+
+    The hold is the input tokens at the input price plus `max_output_tokens` at the dearer of
+    the output and reasoning prices, reserved against the available balance (balance minus
+    open holds). It is released when usage with the same `request_id` settles (charging the
+    actual cost, even beyond the hold), or after `HOLD_TTL_SECONDS`. Refusals are
+    OpenAI-shaped, for the gateway to relay: 401 `invalid_api_key`, 451
+    `content_policy_violation`, 402 `insufficient_balance`, 429 `monthly_quota_exceeded` or
+    `rate_limit_exceeded` (both with `Retry-After`), 403 `model_not_allowed`, 400
+    `model_not_found`; when several apply, the first in this list.
+    """
+    result = current_runtime().authorizer.authorize(
+        session,
+        AuthorizeRequest(
+            api_key=body.api_key,
+            model=body.model,
+            request_id=body.request_id,
+            input_tokens=body.input_tokens,
+            max_output_tokens=body.max_output_tokens,
+        ),
+        now=now(),
+    )
+    return {
+        "allow": True,
+        "key_id": result.key_id,
+        "account_id": result.account_id,
+        "hold_id": result.hold_id,
+        "hold_usd": format_usd(result.hold_nanos),
+        "available_usd": format_usd(result.available_nanos),
+        "expires_at": result.expires_at.isoformat().replace("+00:00", "Z"),
+    }
 
 
 @gateway.post(

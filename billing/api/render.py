@@ -29,14 +29,15 @@ from billing.webhooks import (
 )
 
 
-def account(row: Account) -> schemas.AccountOut:
+def account(row: Account, *, held_nanos: int) -> schemas.AccountOut:
+    """An account; ``held_nanos`` counts its open holds wherever they are (Runtime.held_nanos)."""
     return schemas.AccountOut(
         id=row.id,
         name=row.name,
         email=row.email,
         balance_usd=format_usd(row.balance_nanos),
-        held_usd=format_usd(row.held_nanos),
-        available_usd=format_usd(row.available_nanos),
+        held_usd=format_usd(held_nanos),
+        available_usd=format_usd(row.balance_nanos - held_nanos),
         created_at=row.created_at,
     )
 

@@ -1,0 +1,327 @@
+"""The authorize hot path in Redis: key states, balances and holds, checked and held atomically.
+
+Redis keeps a copy of what authorize needs, so that a normal authorize is one script call and
+never touches PostgreSQL:
+
+- ``billing:key:<id>`` (written by ``billing.mirror``): the key's state and the limits it
+  enforces; ``billing:kh:<keyed hash>`` names the key a secret belongs to.
+- ``billing:acct:<id>``: the account's balance at a ``version`` (``accounts.balance_version``,
+  which moves with every balance change, so an older copy never overwrites a newer one), the
+  month spend of its capped keys (``spend:<key id>`` = ``YYYY-MM spend``), and the sum of its
+  open holds (``held``, and ``kheld:<key id>`` per key).
+- ``billing:holds`` (request id -> account, key, amount, hold id, expiry) and the sorted set
+  ``billing:holds:expiry``: the open holds.
+
+Invariants:
+- A hold is placed only if it fits: balance - held >= amount, tested and reserved in one
+  script, so concurrent authorizes never reserve more than the balance.
+- Settlement releases a request's hold in the same script call that copies the balance the
+  settlement produced, so the charge is never counted twice nor not at all.
+- Everything here may be lost (DESIGN invariant 6): a missing key or account is reloaded from
+  PostgreSQL, and holds are reservations, not money. Losing them only lets requests already in
+  flight overdraw by what they cost beyond the balance; the ledger stays exact.
+
+Amounts are compared in the scripts as doubles, exact below 2**53 nano-dollars: balances and
+caps are copied clamped to ``mirror.EXACT_LIMIT``, which can only refuse more, never allow more.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import orjson
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from billing import mirror, rollups
+from billing.accounts import Account
+from billing.effects import AccountSnapshot
+from billing.keys import CHANGE_COMMIT_LAG, ApiKey
+from billing.ledger import LedgerEntry
+
+ACCOUNT_PREFIX = "billing:acct:"
+HOLDS = "billing:holds"
+EXPIRY = "billing:holds:expiry"
+BALANCE_CURSOR = "billing:balances:cursor"
+# An unknown secret is remembered as unknown this long, so that guessing does not reach
+# PostgreSQL; a key issued later has a different hash, so nothing valid is refused by it.
+UNKNOWN_KEY_TTL = 60
+UNKNOWN = "-"
+# Holds expired by each authorize before its own check (the beat task expires the rest).
+PURGE_PER_CALL = 20
+
+_PRELUDE = """
+local function release(rid)
+  local hold = redis.call('HGET', KEYS[1], rid)
+  if hold then
+    local account, key, amount = string.match(hold, '^(%S+) (%S+) (%S+)')
+    local name = 'billing:acct:' .. account
+    redis.call('HINCRBY', name, 'held', -tonumber(amount))
+    redis.call('HINCRBY', name, 'kheld:' .. key, -tonumber(amount))
+    redis.call('HDEL', KEYS[1], rid)
+  end
+  redis.call('ZREM', KEYS[2], rid)
+  return hold and 1 or 0
+end
+local function purge(now, limit)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+  for _, rid in ipairs(due) do release(rid) end
+  return #due
+end
+"""
+
+# ARGV: keyed hash, model id ('' when the model is unknown: check the key only), amount,
+# request id, hold id, now (ms), expiry (ms), month (YYYY-MM), purge limit.
+# Answers {verdict, key id, account id, rate limit, available, hold id, amount}; the first
+# failing check in the order of DESIGN section 5 decides the verdict.
+_AUTHORIZE = (
+    _PRELUDE
+    + """
+local kid = redis.call('GET', 'billing:kh:' .. ARGV[1])
+if kid == '-' then return {'invalid'} end
+if not kid then return {'miss'} end
+local key = redis.call('HMGET', 'billing:key:' .. kid,
+  'state', 'account_id', 'key_hash', 'expires_ms', 'cap', 'models', 'rate_limit')
+local state = key[1]
+if not state then return {'miss'} end
+if key[3] ~= ARGV[1] then return {'invalid'} end
+local now = tonumber(ARGV[6])
+local head = {kid, key[2], key[7]}
+local function answer(verdict, available, hold_id, amount)
+  return {verdict, head[1], head[2], head[3], available or '', hold_id or '', amount or ''}
+end
+if state == 'revoked' or state == 'disabled' or state == 'expired'
+    or (key[4] ~= '' and tonumber(key[4]) <= now) then
+  return answer('invalid')
+end
+if state == 'suspended' then return answer('suspended') end
+purge(now, tonumber(ARGV[9]))
+local name = 'billing:acct:' .. key[2]
+local account = redis.call('HMGET', name, 'balance', 'held', 'spend:' .. kid, 'kheld:' .. kid)
+if not account[1] then return {'miss'} end
+local amount = tonumber(ARGV[3])
+local available = tonumber(account[1]) - tonumber(account[2] or '0')
+if state == 'insufficient_balance' or tonumber(account[1]) <= 0 or available < amount then
+  return answer('insufficient_balance', string.format('%.0f', available))
+end
+if key[5] ~= '' then
+  if not account[3] then return {'miss'} end
+  local month, spent = string.match(account[3], '^(%S+) (%S+)$')
+  local spend = (month == ARGV[8]) and tonumber(spent) or 0
+  if state == 'monthly_quota_exceeded'
+      or spend + tonumber(account[4] or '0') + amount > tonumber(key[5]) then
+    return answer('monthly_quota_exceeded', string.format('%.0f', available))
+  end
+end
+if ARGV[2] == '' then return answer('checked', string.format('%.0f', available)) end
+if key[6] ~= '*' and not string.find(',' .. key[6] .. ',', ',' .. ARGV[2] .. ',', 1, true) then
+  return answer('model_not_allowed', string.format('%.0f', available))
+end
+local earlier = redis.call('HGET', KEYS[1], ARGV[4])
+if earlier then
+  local _, _, held, hold_id = string.match(earlier, '^(%S+) (%S+) (%S+) (%S+)')
+  return answer('held', string.format('%.0f', available), hold_id, held)
+end
+redis.call('HSET', KEYS[1], ARGV[4], key[2] .. ' ' .. kid .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[4])
+redis.call('HINCRBY', name, 'held', ARGV[3])
+redis.call('HINCRBY', name, 'kheld:' .. kid, ARGV[3])
+return answer('held', string.format('%.0f', available - amount), ARGV[5], ARGV[3])
+"""
+)
+
+# ARGV[1]: {"accounts": [[id, version, balance, {key id: "YYYY-MM spend"}], ...],
+#           "released": [request id, ...]}. Copies each balance unless a newer one is there,
+# and releases the holds of the requests, in one atomic step.
+_PUBLISH = (
+    _PRELUDE
+    + """
+local doc = cjson.decode(ARGV[1])
+for _, account in ipairs(doc.accounts) do
+  local name = 'billing:acct:' .. account[1]
+  local version = redis.call('HGET', name, 'version')
+  if not version or tonumber(version) <= tonumber(account[2]) then
+    redis.call('HSET', name, 'version', account[2], 'balance', account[3])
+    for kid, spend in pairs(account[4]) do redis.call('HSET', name, 'spend:' .. kid, spend) end
+  end
+end
+local released = 0
+for _, rid in ipairs(doc.released) do released = released + release(rid) end
+return released
+"""
+)
+
+_PURGE = _PRELUDE + "return purge(ARGV[1], ARGV[2])"
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    """What to check, and hold if it fits: a model id of None checks the key only."""
+
+    key_hash: str
+    model_id: str | None
+    amount_nanos: int
+    request_id: str
+    hold_id: str
+    now: dt.datetime
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the authorize script answered (see ``_AUTHORIZE``)."""
+
+    verdict: str
+    key_id: str = ""
+    account_id: str = ""
+    rate_limit: str = ""
+    available_nanos: int | None = None
+    hold_id: str = ""
+    amount_nanos: int = 0
+
+
+def _ms(at: dt.datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _clamped(nanos: int) -> str:
+    return str(max(-mirror.EXACT_LIMIT, min(nanos, mirror.EXACT_LIMIT)))
+
+
+class HotPath:
+    """The Redis side of authorize for one Redis server."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._authorize = client.register_script(_AUTHORIZE)
+        self._publish = client.register_script(_PUBLISH)
+        self._purge = client.register_script(_PURGE)
+
+    def authorize(self, hold: HoldRequest) -> Verdict:
+        """Check the key and, for a known model, place the hold if it fits; raises RedisError."""
+        answer = self._authorize(
+            keys=[HOLDS, EXPIRY],
+            args=[
+                hold.key_hash,
+                hold.model_id or "",
+                hold.amount_nanos,
+                hold.request_id,
+                hold.hold_id,
+                _ms(hold.now),
+                _ms(hold.expires_at),
+                rollups.month_key(hold.now),
+                PURGE_PER_CALL,
+            ],
+        )
+        verdict, *rest = (part.decode() for part in answer)
+        if not rest:
+            return Verdict(verdict)
+        key_id, account_id, rate_limit, available, hold_id, amount = rest
+        return Verdict(
+            verdict,
+            key_id,
+            account_id,
+            rate_limit,
+            int(available) if available else None,
+            hold_id,
+            int(amount) if amount else 0,
+        )
+
+    def publish(self, snapshots: dict[str, AccountSnapshot], released: list[str]) -> int:
+        """Copy committed balances (unless newer ones are there) and release the holds of
+        settled requests; returns how many holds were released. Raises RedisError."""
+        if not snapshots and not released:
+            return 0
+        document = {
+            "accounts": [
+                [
+                    account_id,
+                    snapshot.version,
+                    _clamped(snapshot.balance_nanos),
+                    {
+                        key_id: f"{month} {_clamped(spend)}"
+                        for key_id, (month, spend) in snapshot.month_spend.items()
+                    },
+                ]
+                for account_id, snapshot in snapshots.items()
+            ],
+            "released": released,
+        }
+        return int(self._publish(keys=[HOLDS, EXPIRY], args=[orjson.dumps(document)]))
+
+    def release(self, request_id: str) -> bool:
+        """Release one request's hold (a request refused after it was placed)."""
+        return self.publish({}, [request_id]) == 1
+
+    def expire(self, *, now: dt.datetime, batch: int = 1000) -> int:
+        """Release every hold past its expiry; returns how many."""
+        total = 0
+        while True:
+            count = int(self._purge(keys=[HOLDS, EXPIRY], args=[_ms(now), batch]))
+            total += count
+            if count < batch:
+                return total
+
+    def held_nanos(self, account_id: str) -> int:
+        """The account's open holds in Redis."""
+        held = self.client.hget(ACCOUNT_PREFIX + account_id, "held")
+        return int(held) if held else 0
+
+    def load(self, session: Session, key_hash: str, *, now: dt.datetime) -> bool:
+        """Copy the key with this hash and its account from PostgreSQL; False if no key has it
+        (remembered for ``UNKNOWN_KEY_TTL`` seconds)."""
+        key = session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
+        if key is None:
+            self.client.set(mirror.hash_name(key_hash), UNKNOWN, ex=UNKNOWN_KEY_TTL)
+            return False
+        mirror.publish(self.client, [key])
+        self.publish({key.account_id: snapshot(session, key.account_id, now=now)}, [])
+        return True
+
+    def sync_balances(self, session: Session, *, now: dt.datetime) -> int:
+        """Copy the balances of accounts with ledger entries the copy may have missed (an
+        after-commit copy lost with its process); returns how many accounts were copied.
+
+        Like the key-state mirror, the cursor only moves past entries older than
+        ``keys.CHANGE_COMMIT_LAG``, as ids are assigned at insert, not at commit.
+        """
+        cursor = self.client.get(BALANCE_CURSOR)
+        if cursor is None:
+            # A new or flushed Redis: accounts are loaded as authorize needs them.
+            last = session.scalar(select(func.max(LedgerEntry.id))) or 0
+            self.client.set(BALANCE_CURSOR, last)
+            return 0
+        rows = session.execute(
+            select(LedgerEntry.id, LedgerEntry.account_id, LedgerEntry.created_at)
+            .where(LedgerEntry.id > int(cursor))
+            .order_by(LedgerEntry.id)
+        ).all()
+        if not rows:
+            return 0
+        account_ids = sorted({account_id for _, account_id, _ in rows})
+        self.publish({id_: snapshot(session, id_, now=now) for id_ in account_ids}, [])
+        settled = [entry_id for entry_id, _, created in rows if created <= now - CHANGE_COMMIT_LAG]
+        if settled:
+            self.client.set(BALANCE_CURSOR, settled[-1])
+        return len(account_ids)
+
+
+def snapshot(session: Session, account_id: str, *, now: dt.datetime) -> AccountSnapshot:
+    """The account's balance and the month spend of its capped keys, read from PostgreSQL."""
+    account = session.get_one(Account, account_id)
+    capped = list(
+        session.scalars(
+            select(ApiKey.id).where(
+                ApiKey.account_id == account_id, ApiKey.monthly_cap_nanos.is_not(None)
+            )
+        )
+    )
+    spend = rollups.month_spend(session, capped, now=now)
+    month = rollups.month_key(now)
+    return AccountSnapshot(
+        account.balance_version,
+        account.balance_nanos,
+        {key_id: (month, spend.get(key_id, 0)) for key_id in capped},
+    )
