@@ -118,17 +118,20 @@ class ActorCache:
         hmac_key: bytes,
     ) -> str:
         """As :func:`authenticate`, answered from memory while fresh."""
-        clock = time.monotonic()
-        if presented:
-            cached = self._actors.get((role, presented))
-            if cached is not None and cached[0] > clock:
-                return cached[1]
+        actor = self.cached(presented, role=role)
+        if actor is not None:
+            return actor
         actor = authenticate(
             session(), presented, role=role, bootstrap=bootstrap, hmac_key=hmac_key
         )
         assert presented is not None
-        self._actors[(role, presented)] = (clock + self.ttl, actor)
+        self._actors[(role, presented)] = (time.monotonic() + self.ttl, actor)
         return actor
+
+    def cached(self, presented: str | None, *, role: Role) -> str | None:
+        """The actor behind ``presented`` if it was accepted within ``ttl`` seconds, else None."""
+        cached = self._actors.get((role, presented)) if presented else None
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
 
     def clear(self) -> None:
         """Forget every remembered authentication (after a revocation)."""

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
 
 import redis
 from limits import RateLimitItem, parse
@@ -53,6 +52,10 @@ class Refused(BillingError):
         self.code = code
         self.type = type_
         self.retry_after = retry_after
+
+
+class NeedsDatabase(Exception):
+    """Authorize cannot answer from memory and Redis alone; call it again with a session."""
 
 
 class Unavailable(BillingError):
@@ -114,6 +117,16 @@ class Quote:
     max_output_tokens: int | None
 
 
+Opener = Callable[[], Session] | None
+"""Opens the request's session when called; None where there is none (billing.api.hot)."""
+
+
+def _opened(session: Opener) -> Session:
+    if session is None:
+        raise NeedsDatabase
+    return session()
+
+
 class Quotes:
     """Model names resolved to their current price, remembered for ``ttl`` seconds per process.
 
@@ -126,17 +139,19 @@ class Quotes:
         self.ttl = ttl
         self._quotes: dict[str, tuple[float, Quote]] = {}
 
-    def get(self, session: Callable[[], Session], name: str, *, now: dt.datetime) -> Quote | None:
-        """The quote for ``name``, or None if it names no model with a price now."""
+    def get(self, session: Opener, name: str, *, now: dt.datetime) -> Quote | None:
+        """The quote for ``name``, or None if it names no model with a price now; raises
+        NeedsDatabase if it must be looked up and ``session`` is None."""
         cached = self._quotes.get(name)
         clock = time.monotonic()
         if cached is not None and cached[0] > clock:
             return cached[1]
+        database = _opened(session)
         try:
-            model_id = catalog.resolve_model(session(), name)
+            model_id = catalog.resolve_model(database, name)
         except catalog.ModelNotFound:
             return None
-        version = catalog.price_version_at(session(), model_id, now)
+        version = catalog.price_version_at(database, model_id, now)
         if version is None:
             return None
         quote = Quote(model_id, version.price, version.max_output_tokens)
@@ -169,19 +184,13 @@ class RateLimits:
         return max(1, math.ceil(reset - time.time()))
 
 
-class Holds(Protocol):
-    """A place that checks a key and holds against its balance (Redis or PostgreSQL)."""
-
-    def authorize(self, hold: HoldRequest) -> Verdict: ...
-
-    def release(self, request_id: str) -> bool: ...
-
-
 class PostgresHolds:
-    """The checks of ``hotpath._AUTHORIZE`` on PostgreSQL (or SQLite), holds in ``holds``."""
+    """The checks of ``hotpath._AUTHORIZE`` on PostgreSQL (or SQLite), holds in ``holds``, rate
+    limits in ``rate_limits``."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, rate_limits: RateLimits) -> None:
         self.session = session
+        self.rate_limits = rate_limits
 
     def authorize(self, hold: HoldRequest) -> Verdict:
         """Check the key and, for a known model, place the hold if it fits."""
@@ -216,6 +225,9 @@ class PostgresHolds:
                 or spend + key.held_nanos + amount_nanos > key.monthly_cap_nanos
             ):
                 return answer("monthly_quota_exceeded", available)
+        limit = key.rate_limit
+        if limit and not self.rate_limits.test(limit, key.id):
+            return answer("rate_limited", available)
         if hold.model_id is None:
             return answer("checked", available)
         if key.allowed_models is not None and hold.model_id not in key.allowed_models:
@@ -236,14 +248,12 @@ class PostgresHolds:
         if placed is None:  # a concurrent hold took the rest of the balance
             return answer("insufficient_balance", available)
         row, left = placed
+        if limit and not self.rate_limits.hit(limit, key.id):  # a concurrent request took it
+            holds.release(session, [hold.request_id], reason="rate limited", now=now)
+            return answer("rate_limited", available)
         return Verdict(
             "held", key.id, key.account_id, key.rate_limit or "", left, row.id, row.amount_nanos
         )
-
-    def release(self, request_id: str) -> bool:
-        """Release the hold of a request refused after it was placed."""
-        now = dt.datetime.now(dt.UTC)
-        return holds.release(self.session, [request_id], reason="refused", now=now) == 1
 
 
 _STATE_VERDICTS = {
@@ -270,12 +280,13 @@ class Authorizer:
         self.quotes = self.quotes or Quotes()
 
     def authorize(
-        self, session: Callable[[], Session], request: AuthorizeRequest, *, now: dt.datetime
+        self, session: Opener, request: AuthorizeRequest, *, now: dt.datetime
     ) -> Authorization:
         """Check ``request`` and hold its worst-case cost; raises Refused (or Unavailable).
 
         ``session`` opens the request's session when first called: the Redis path calls it
-        only to reload a key or account Redis does not have.
+        only to reload a key or account Redis does not have. With ``session`` None, raises
+        NeedsDatabase (having changed nothing) where it would be needed.
         """
         assert self.quotes is not None
         quote = self.quotes.get(session, request.model, now=now)
@@ -294,21 +305,21 @@ class Authorizer:
             try:
                 return self._decide(
                     self._from_redis(session, self.hotpath, key_hash, quote, amount, request, now),
-                    self.hotpath,
                     self.rate_limits,
                     request,
-                    quote,
                     now,
                 )
             except redis.RedisError as exc:
+                if session is None:
+                    raise NeedsDatabase from exc
                 if not self.fall_back_to_postgres:
                     raise Unavailable(
                         "Authorization is unavailable (Redis is down); retry shortly."
                     ) from exc
                 log.warning("Redis unavailable, authorizing through PostgreSQL: %s", exc)
-        postgres = PostgresHolds(session())
+        postgres = PostgresHolds(_opened(session), self.fallback_rate_limits)
         verdict = postgres.authorize(self._hold(key_hash, quote, amount, request, now))
-        return self._decide(verdict, postgres, self.fallback_rate_limits, request, quote, now)
+        return self._decide(verdict, self.fallback_rate_limits, request, now)
 
     def _hold(
         self,
@@ -330,7 +341,7 @@ class Authorizer:
 
     def _from_redis(
         self,
-        session: Callable[[], Session],
+        session: Opener,
         hotpath: HotPath,
         key_hash: str,
         quote: Quote | None,
@@ -342,7 +353,7 @@ class Authorizer:
         verdict = hotpath.authorize(hold)
         if verdict.verdict != "miss":
             return verdict
-        if not hotpath.load(session(), key_hash, now=now):
+        if not hotpath.load(_opened(session), key_hash, now=now):
             return Verdict("invalid")
         verdict = hotpath.authorize(hold)
         if verdict.verdict == "miss":  # evicted again at once: Redis is not keeping data
@@ -352,10 +363,8 @@ class Authorizer:
     def _decide(
         self,
         verdict: Verdict,
-        place: Holds,
         rate_limits: RateLimits,
         request: AuthorizeRequest,
-        quote: Quote | None,
         now: dt.datetime,
     ) -> Authorization:
         outcome = verdict.verdict
@@ -363,28 +372,23 @@ class Authorizer:
             raise _state_refusal(_STATE_VERDICTS[outcome])
         if outcome == "monthly_quota_exceeded":
             raise _state_refusal(KeyState.MONTHLY_QUOTA_EXCEEDED, seconds_to_next_month(now))
-        limit = verdict.rate_limit
-        if outcome in ("checked", "model_not_allowed"):
-            if limit and not rate_limits.test(limit, verdict.key_id):
-                raise self._rate_limited(rate_limits, limit, verdict.key_id)
-            if outcome == "model_not_allowed":
-                raise Refused(
-                    403,
-                    "model_not_allowed",
-                    "invalid_request_error",
-                    f"This key may not use the model {request.model!r}.",
-                )
+        if outcome == "rate_limited":
+            raise self._rate_limited(rate_limits, verdict.rate_limit, verdict.key_id)
+        if outcome == "model_not_allowed":
+            raise Refused(
+                403,
+                "model_not_allowed",
+                "invalid_request_error",
+                f"This key may not use the model {request.model!r}.",
+            )
+        if outcome == "checked":
             raise Refused(
                 400,
                 "model_not_found",
                 "invalid_request_error",
                 f"The model {request.model!r} does not exist or has no price.",
             )
-        assert outcome == "held" and quote is not None, outcome
-        if limit and not rate_limits.hit(limit, verdict.key_id):
-            place.release(request.request_id)
-            raise self._rate_limited(rate_limits, limit, verdict.key_id)
-        assert verdict.available_nanos is not None
+        assert outcome == "held" and verdict.available_nanos is not None, outcome
         return Authorization(
             key_id=verdict.key_id,
             account_id=verdict.account_id,

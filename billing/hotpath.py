@@ -5,6 +5,11 @@ never touches PostgreSQL:
 
 - ``billing:key:<id>`` (written by ``billing.mirror``): the key's state and the limits it
   enforces; ``billing:kh:<keyed hash>`` names the key a secret belongs to.
+- The key's rate limit: the `limits` library's moving window for Redis, the same list of
+  timestamps under the same name (``mirror.rate_window``), tested and counted inside the
+  script, so that a request refused for any other reason never counts and an allowed one costs
+  one round trip. The library itself reads that window for ``Retry-After``, and limits alone
+  where there is no Redis.
 - ``billing:acct:<id>``: the account's balance at a ``version`` (``accounts.balance_version``,
   which moves with every balance change, so an older copy never overwrites a newer one), the
   month spend of its capped keys (``spend:<key id>`` = ``YYYY-MM spend``), and the sum of its
@@ -73,7 +78,7 @@ end
 """
 
 # ARGV: keyed hash, model id ('' when the model is unknown: check the key only), amount,
-# request id, hold id, now (ms), expiry (ms), month (YYYY-MM), purge limit.
+# request id, hold id, now (ms), expiry (ms), month (YYYY-MM), purge limit, now (seconds).
 # Answers {verdict, key id, account id, rate limit, available, hold id, amount}; the first
 # failing check in the order of DESIGN section 5 decides the verdict.
 _AUTHORIZE = (
@@ -83,9 +88,11 @@ local kid = redis.call('GET', 'billing:kh:' .. ARGV[1])
 if kid == '-' then return {'invalid'} end
 if not kid then return {'miss'} end
 local key = redis.call('HMGET', 'billing:key:' .. kid,
-  'state', 'account_id', 'key_hash', 'expires_ms', 'cap', 'models', 'rate_limit')
+  'state', 'account_id', 'key_hash', 'expires_ms', 'cap', 'models', 'rate_limit',
+  'rate_key', 'rate_amount', 'rate_expiry')
 local state = key[1]
-if not state then return {'miss'} end
+-- A key copied before the copy held its limits (rate_key is always written) is copied again.
+if not state or not key[8] then return {'miss'} end
 if key[3] ~= ARGV[1] then return {'invalid'} end
 local now = tonumber(ARGV[6])
 local head = {kid, key[2], key[7]}
@@ -115,6 +122,13 @@ if key[5] ~= '' then
     return answer('monthly_quota_exceeded', string.format('%.0f', available))
   end
 end
+-- The limits library's moving window, on its own list of timestamps (see mirror.rate_window).
+if key[8] ~= '' then
+  local oldest = redis.call('LINDEX', key[8], tonumber(key[9]) - 1)
+  if oldest and tonumber(oldest) >= tonumber(ARGV[10]) - tonumber(key[10]) then
+    return answer('rate_limited', string.format('%.0f', available))
+  end
+end
 if ARGV[2] == '' then return answer('checked', string.format('%.0f', available)) end
 if key[6] ~= '*' and not string.find(',' .. key[6] .. ',', ',' .. ARGV[2] .. ',', 1, true) then
   return answer('model_not_allowed', string.format('%.0f', available))
@@ -123,6 +137,11 @@ local earlier = redis.call('HGET', KEYS[1], ARGV[4])
 if earlier then
   local _, _, held, hold_id = string.match(earlier, '^(%S+) (%S+) (%S+) (%S+)')
   return answer('held', string.format('%.0f', available), hold_id, held)
+end
+if key[8] ~= '' then
+  redis.call('LPUSH', key[8], ARGV[10])
+  redis.call('LTRIM', key[8], 0, tonumber(key[9]) - 1)
+  redis.call('EXPIRE', key[8], key[10])
 end
 redis.call('HSET', KEYS[1], ARGV[4], key[2] .. ' ' .. kid .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[7], ARGV[4])
@@ -213,6 +232,7 @@ class HotPath:
                 _ms(hold.expires_at),
                 rollups.month_key(hold.now),
                 PURGE_PER_CALL,
+                repr(hold.now.timestamp()),
             ],
         )
         verdict, *rest = (part.decode() for part in answer)

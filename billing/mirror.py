@@ -13,6 +13,8 @@ import datetime as dt
 from collections.abc import Iterable
 
 import redis
+from limits import parse as parse_rate_limit
+from limits.storage import RedisStorage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -30,6 +32,18 @@ EXACT_LIMIT = 2**53 - 1
 def key_name(key_id: str) -> str:
     """The Redis hash holding one key's mirrored state."""
     return KEY_PREFIX + key_id
+
+
+RATE_FIELDS = ("rate_key", "rate_amount", "rate_expiry")
+
+
+def rate_window(key: ApiKey) -> tuple[str, int | str, int | str]:
+    """Where the `limits` library's Redis storage keeps this key's moving window, its size and
+    its length in seconds; empty strings for a key without a rate limit."""
+    if key.rate_limit is None:
+        return "", "", ""
+    item = parse_rate_limit(key.rate_limit)
+    return f"{RedisStorage.PREFIX}:{item.key_for(key.id)}", item.amount, item.get_expiry()
 
 
 def hash_name(key_hash: str) -> str:
@@ -56,6 +70,7 @@ def _write(pipe: redis.client.Pipeline, keys: Iterable[ApiKey]) -> None:
                 if key.allowed_models is None
                 else ",".join(key.allowed_models),
                 "rate_limit": key.rate_limit or "",
+                **dict(zip(RATE_FIELDS, rate_window(key), strict=True)),
             },
         )
         pipe.set(hash_name(key.key_hash), key.id)

@@ -37,9 +37,16 @@ def error_response(
     param: str | None = None,
 ) -> Response:
     """An OpenAI-shaped error response."""
-    response = jsonify({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    response = jsonify(error_document(message, code=code, type_=type_, param=param))
     response.status_code = status
     return response
+
+
+def error_document(
+    message: str, *, code: str, type_: str = "invalid_request_error", param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def validation_error_response(exc: ValidationError) -> Response:

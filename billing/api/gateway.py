@@ -18,7 +18,7 @@ from billing.api.context import bearer_token, now, session, settings
 from billing.api.errors import json_body
 from billing.app import current_runtime
 from billing.auth import Role
-from billing.authorize import AuthorizeRequest
+from billing.authorize import Authorization, AuthorizeRequest
 from billing.errors import InvalidRequest
 from billing.money import format_usd
 from billing.usage import MAX_TOKENS
@@ -110,6 +110,15 @@ class AuthorizeIn(BaseModel):
         None, ge=1, le=MAX_TOKENS, description="Default: the model's max_output_tokens."
     )
 
+    def request(self) -> AuthorizeRequest:
+        return AuthorizeRequest(
+            api_key=self.api_key,
+            model=self.model,
+            request_id=self.request_id,
+            input_tokens=self.input_tokens,
+            max_output_tokens=self.max_output_tokens,
+        )
+
 
 class AuthorizeOut(BaseModel):
     allow: Literal[True] = True
@@ -143,18 +152,14 @@ def authorize(body: AuthorizeIn) -> dict[str, Any]:
     `content_policy_violation`, 402 `insufficient_balance`, 429 `monthly_quota_exceeded` or
     `rate_limit_exceeded` (both with `Retry-After`), 403 `model_not_allowed`, 400
     `model_not_found`; when several apply, the first in this list.
+
+    Served by `billing.api.hot` without Flask whenever Redis and memory can answer.
     """
-    result = current_runtime().authorizer.authorize(
-        session,
-        AuthorizeRequest(
-            api_key=body.api_key,
-            model=body.model,
-            request_id=body.request_id,
-            input_tokens=body.input_tokens,
-            max_output_tokens=body.max_output_tokens,
-        ),
-        now=now(),
-    )
+    return authorized(current_runtime().authorizer.authorize(session, body.request(), now=now()))
+
+
+def authorized(result: Authorization) -> dict[str, Any]:
+    """The 200 answer of authorize (``AuthorizeOut``)."""
     return {
         "allow": True,
         "key_id": result.key_id,

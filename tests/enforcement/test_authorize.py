@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from limits import parse
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from billing.app import create_app
@@ -352,3 +356,37 @@ def redis_down(edge: Edge, when_down: str) -> None:
     assert_error(authorize(edge, key["key"], max_output_tokens=20_000), 402, "insufficient_balance")
     assert_error(authorize(edge, key["key"], max_output_tokens=1_000), 429, "rate_limit_exceeded")
     assert account_amounts(edge, account_id)[1] == worst_case(0, 20_000)
+
+
+def test_the_hot_path_counts_in_the_limits_librarys_own_window(
+    redis_app: Flask, db: Session, redis_settings: Any
+) -> None:
+    with joined(redis_app, db, "redis") as edge:
+        key = new_key(edge.admin, new_account(edge.admin, "10"), rate_limit="2 per minute")
+        assert authorize(edge, key["key"], max_output_tokens=100).status_code == 200
+        # The library, on its own, over the same Redis, sees the request authorize counted.
+        limiter = MovingWindowRateLimiter(RedisStorage(redis_settings.redis_url))
+        item = parse("2 per minute")
+        assert limiter.get_window_stats(item, key["id"]).remaining == 1
+        assert limiter.hit(item, key["id"])  # and what it counts, authorize sees
+        assert_error(authorize(edge, key["key"], max_output_tokens=100), 429, "rate_limit_exceeded")
+
+
+def test_a_normal_authorize_does_not_touch_postgresql(redis_app: Flask, db: Session) -> None:
+    with joined(redis_app, db, "redis") as edge:
+        key = new_key(edge.admin, new_account(edge.admin, "10"), rate_limit=UNLIMITED)
+        assert authorize(edge, key["key"], max_output_tokens=100).status_code == 200  # warms up
+        statements: list[str] = []
+
+        def count(*args: Any) -> None:
+            statements.append(args[2])
+
+        event.listen(edge.runtime.engine, "before_cursor_execute", count)
+        try:
+            allowed = authorize(edge, key["key"], max_output_tokens=100)
+            refused = authorize(edge, key["key"], max_output_tokens=10**8)
+        finally:
+            event.remove(edge.runtime.engine, "before_cursor_execute", count)
+        assert allowed.status_code == 200
+        assert_error(refused, 402, "insufficient_balance")
+        assert statements == []

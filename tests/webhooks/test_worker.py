@@ -90,6 +90,59 @@ def test_a_key_flipped_to_402_in_a_worker_reaches_the_gateway_signed(
     assert (key["state"], key["http_status"]) == ("insufficient_balance", 402)
 
 
+def test_authorize_refuses_a_key_settlement_flipped_to_402_as_soon_as_the_gateway_hears(
+    committed: Engine,
+    redis_app: Flask,
+    worker: subprocess.Popen[bytes],
+    receiver: Receiver,
+) -> None:
+    admin = client_with(redis_app, ADMIN_TOKEN)
+    gateway = client_with(redis_app, GATEWAY_TOKEN)
+    register(admin, receiver, ["key.state_changed"])
+    account_id = new_account(admin, credit="0.01")
+    response = admin.post(
+        f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", "rate_limit": "100/second"}
+    )
+    key = response.get_json()
+
+    def authorize(request_id: str) -> Any:
+        return gateway.post(
+            "/gateway/v1/authorize",
+            json={
+                "api_key": key["key"],
+                "model": "doubao-seed-2-0-lite",
+                "request_id": request_id,
+                "max_output_tokens": 10,
+            },
+        )
+
+    assert authorize("req-overrun").status_code == 200  # holds $0.0000199 of the $0.01
+    # The request ran long: 10,000 output tokens cost $0.0199, past the balance.
+    usage = gateway.post(
+        "/gateway/v1/usage",
+        json={
+            "request_id": "req-overrun",
+            "key_id": key["id"],
+            "model": "doubao-seed-2-0-lite",
+            "input_tokens": 0,
+            "output_tokens": 10_000,
+        },
+    )
+    assert usage.status_code == 202
+
+    def flipped(requests: list[Received]) -> list[dict[str, Any]]:
+        return [c for c in key_changes(requests, key["id"]) if c["new_state"] != "active"]
+
+    [flip] = receiver.wait_for(flipped, "the signed key.state_changed of the 402")
+    assert (flip["new_state"], flip["http_status"]) == ("insufficient_balance", 402)
+    refused = authorize("req-next")
+    assert refused.status_code == 402
+    assert refused.get_json()["error"]["code"] == "insufficient_balance"
+    account = admin.get(f"/admin/v1/accounts/{account_id}").get_json()
+    # Charged in full, the hold released: the overdraft is exactly the overrun.
+    assert (account["balance_usd"], account["held_usd"]) == ("-0.009900000", "0.000000000")
+
+
 def test_a_worker_retries_on_the_configured_schedule_until_the_receiver_takes_it(
     committed: Engine,
     redis_app: Flask,
