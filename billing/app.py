@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from billing.api import SECURITY_SCHEMES, register
     from billing.api.hot import AuthorizeFastPath
     from billing.api.schemas import ErrorOut
+    from billing.web import init_app as init_web
 
     app = OpenAPI(
         __name__,
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.teardown_request(_close_session)
     register(app)
     app.wsgi_app = AuthorizeFastPath(app.wsgi_app, runtime)  # type: ignore[method-assign]
+    init_web(app, settings)
     runtime.celery = celery_init_app(app)
     return app
 
@@ -164,6 +166,10 @@ def celery_init_app(app: Flask) -> Celery[Any]:
             # Idempotent and cheap, so it runs often rather than once at 00:00 UTC on the 1st,
             # which a beat that is down at that moment would miss.
             "monthly-rollover": {"task": "workers.tasks.monthly_rollover", "schedule": 60.0},
+            # Stripe (billing.payments): a payment whose webhook was lost is credited within
+            # 10 minutes; balances are checked for auto-recharge every minute.
+            "reconcile-stripe": {"task": "workers.tasks.reconcile_stripe", "schedule": 600.0},
+            "auto-recharge": {"task": "workers.tasks.auto_recharge", "schedule": 60.0},
         },
     )
     celery.set_default()

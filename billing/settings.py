@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.money import Nanos, parse_usd
@@ -137,3 +137,105 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)
         return path.read_text().strip().encode()
+
+    # Stripe and top-ups (billing.payments)
+    stripe_api_base: str = Field(
+        "https://api.stripe.com", description="Stripe API base URL (localstripe in tests and demo)."
+    )
+    stripe_secret_key: SecretStr | None = Field(None, description="Stripe secret API key.")
+    stripe_publishable_key: str | None = Field(
+        None, description="Stripe publishable key, given to Stripe.js on the top-up page."
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        None, description="Signing secret of the Stripe webhook endpoint (`whsec_...`)."
+    )
+    stripe_js_url: str = Field(
+        "https://js.stripe.com/v3/", description="Where the top-up page loads Stripe.js from."
+    )
+    topup_mode: str = Field(
+        "payment_intent",
+        pattern="^(payment_intent|checkout)$",
+        description="payment_intent (card form on the page) or checkout (Stripe Checkout).",
+    )
+    topup_min_usd: str = Field("5.00", description="Smallest top-up, in USD.")
+    topup_max_usd: str = Field("1000.00", description="Largest top-up, in USD.")
+    topup_presets_usd: str = Field(
+        "10,25,50", description="Preset top-up amounts offered on the page, comma-separated USD."
+    )
+    public_base_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Where customers reach this service (Checkout success and cancel URLs).",
+    )
+    stripe_reconcile_hours: float = Field(
+        48, gt=0, description="How far back reconciliation looks for unfulfilled payments."
+    )
+    auto_recharge_daily_cap_usd: str = Field(
+        "500.00", description="Default most auto-recharge may charge one account per UTC day."
+    )
+    auto_recharge_backoff_seconds: float = Field(
+        3600, gt=0, description="Wait after a declined auto-recharge; doubles per decline."
+    )
+
+    @field_validator(
+        "topup_min_usd", "topup_max_usd", "topup_presets_usd", "auto_recharge_daily_cap_usd"
+    )
+    @classmethod
+    def _usd_amounts(cls, value: str) -> str:
+        for part in value.split(","):
+            if parse_usd(part.strip()) <= 0:
+                raise ValueError("amounts must be positive")
+            if parse_usd(part.strip()) % 10_000_000:
+                raise ValueError("amounts must be whole cents")
+        return value
+
+    @model_validator(mode="after")
+    def _top_up_limits(self) -> Settings:
+        if self.topup_min > self.topup_max:
+            raise ValueError("TOPUP_MIN_USD must not be above TOPUP_MAX_USD")
+        outside = [p for p in self.topup_presets if not self.topup_min <= p <= self.topup_max]
+        if outside:
+            raise ValueError("every TOPUP_PRESETS_USD amount must be within the top-up limits")
+        return self
+
+    @property
+    def topup_min(self) -> Nanos:
+        """The smallest top-up in nano-dollars."""
+        return parse_usd(self.topup_min_usd)
+
+    @property
+    def topup_max(self) -> Nanos:
+        """The largest top-up in nano-dollars."""
+        return parse_usd(self.topup_max_usd)
+
+    @property
+    def topup_presets(self) -> list[Nanos]:
+        """The preset top-up amounts in nano-dollars, in the configured order."""
+        return [parse_usd(part.strip()) for part in self.topup_presets_usd.split(",")]
+
+    @property
+    def auto_recharge_daily_cap(self) -> Nanos:
+        """The default auto-recharge daily cap in nano-dollars."""
+        return parse_usd(self.auto_recharge_daily_cap_usd)
+
+    # Customer page (billing.web)
+    session_cookie_secure: bool = Field(
+        True,
+        description="Send the /billing session cookie over HTTPS only. Browsers accept it from"
+        " http://127.0.0.1 and http://localhost too; set false to serve the page over plain HTTP"
+        " on another host.",
+    )
+    billing_session_hours: float = Field(
+        12, gt=0, description="How long a sign-in to the /billing page lasts, in hours."
+    )
+    billing_sign_in_rate_limit: str = Field(
+        "10 per minute",
+        description="Sign-in attempts allowed per client IP on /billing (`limits` syntax).",
+    )
+
+    @field_validator("billing_sign_in_rate_limit")
+    @classmethod
+    def _sign_in_rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)  # raises ValueError naming the problem
+        return value

@@ -60,6 +60,8 @@ class EventType(enum.StrEnum):
     KEY_STATE_CHANGED = "key.state_changed"
     BALANCE_LOW = "account.balance_low"
     BALANCE_DEPLETED = "account.balance_depleted"
+    TOPUP_SUCCEEDED = "topup.succeeded"
+    AUTO_RECHARGE_FAILED = "auto_recharge.failed"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -101,7 +103,8 @@ class WebhookEvent(Base):
     __tablename__ = "webhook_events"
     __table_args__ = (
         CheckConstraint(
-            "type IN ('key.state_changed', 'account.balance_low', 'account.balance_depleted')",
+            "type IN ('key.state_changed', 'account.balance_low', 'account.balance_depleted',"
+            " 'topup.succeeded', 'auto_recharge.failed')",
             name="type_known",
         ),
     )
@@ -389,6 +392,62 @@ def announce_balance(
         )
     if before > 0 >= after:
         emit(session, EventType.BALANCE_DEPLETED, common, now=now)
+
+
+def announce_top_up(
+    session: Session,
+    *,
+    account_id: str,
+    payment_id: str,
+    source: str,
+    amount: Nanos,
+    balance: Nanos,
+    ledger_entry_id: int,
+    now: dt.datetime,
+) -> None:
+    """Emit ``topup.succeeded``: a Stripe payment (``source`` top_up or auto_recharge) was
+    credited."""
+    emit(
+        session,
+        EventType.TOPUP_SUCCEEDED,
+        {
+            "account_id": account_id,
+            "payment_id": payment_id,
+            "source": source,
+            "amount_usd": format_usd(amount),
+            "balance_usd": format_usd(balance),
+            "ledger_entry_id": ledger_entry_id,
+            "succeeded_at": rfc3339(now),
+        },
+        now=now,
+    )
+
+
+def announce_auto_recharge_failed(
+    session: Session,
+    *,
+    account_id: str,
+    payment_id: str,
+    amount: Nanos,
+    reason: str,
+    retry_after: dt.datetime,
+    now: dt.datetime,
+) -> None:
+    """Emit ``auto_recharge.failed``: an off-session charge was declined; none is tried again
+    before ``retry_after``."""
+    emit(
+        session,
+        EventType.AUTO_RECHARGE_FAILED,
+        {
+            "account_id": account_id,
+            "payment_id": payment_id,
+            "amount_usd": format_usd(amount),
+            "reason": reason,
+            "retry_after": rfc3339(retry_after),
+            "failed_at": rfc3339(now),
+        },
+        now=now,
+    )
 
 
 # Deliveries

@@ -8,7 +8,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from billing import keys, ledger, settlement
+from billing import keys, ledger, payments, settlement
 from billing.app import current_runtime
 from billing.db import utcnow
 
@@ -59,6 +59,22 @@ def reconcile_ledger() -> list[str]:
     for line in drift:
         log.error("reconcile: %s", line)
     return drift
+
+
+@shared_task(acks_late=True)
+def reconcile_stripe() -> list[str]:
+    """Credit recent succeeded Stripe payments no webhook credited; returns their Stripe ids."""
+    runtime = current_runtime()
+    with runtime.transaction() as session:
+        return payments.reconcile(session, settings=runtime.settings, now=utcnow())
+
+
+@shared_task(acks_late=True)
+def auto_recharge() -> int:
+    """Charge the saved cards of accounts below their auto-recharge threshold; returns the
+    number of charges attempted."""
+    runtime = current_runtime()
+    return payments.run_auto_recharge(runtime.transaction, settings=runtime.settings, clock=utcnow)
 
 
 @worker_ready.connect

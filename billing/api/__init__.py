@@ -12,6 +12,7 @@ from billing.api.customer import customer
 from billing.api.errors import register_error_handlers
 from billing.api.gateway import DOC_MODELS, gateway
 from billing.api.ops import ops, register_docs
+from billing.api.stripe_webhook import stripe_webhook
 
 SECURITY_SCHEMES: dict[str, SecurityScheme | dict[str, Any]] = {
     "admin": SecurityScheme(
@@ -37,4 +38,5 @@ def register(app: OpenAPI) -> None:
     app.register_api(admin)
     app.register_api(customer)
     app.register_api(gateway)
+    app.register_api(stripe_webhook)
     register_docs(app, DOC_MODELS)

@@ -19,6 +19,7 @@ from billing import (
     catalog,
     keys,
     ledger,
+    payments,
     rollups,
     settlement,
     usage_events,
@@ -30,7 +31,7 @@ from billing.api.context import bearer_token, held, now, session, settings
 from billing.app import current_runtime
 from billing.auth import Role, authenticate
 from billing.errors import InvalidRequest
-from billing.money import parse_usd
+from billing.money import format_usd, parse_usd
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
 ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}
@@ -493,3 +494,58 @@ def replay_webhook_delivery(path: schemas.WebhookDeliveryPath) -> tuple[dict[str
     row = webhooks.replay(session(), path.delivery_id, now=now())
     return render.webhook_delivery(row).model_dump(mode="json"), 201
 
+
+# Auto-recharge (billing.payments)
+
+AUTO_RECHARGE = [Tag(name="Auto-recharge")]
+
+
+def _auto_recharge(row: payments.AutoRecharge) -> dict[str, Any]:
+    return schemas.AutoRechargeOut(
+        account_id=row.account_id,
+        enabled=row.enabled,
+        threshold_usd=format_usd(row.threshold_nanos),
+        amount_usd=format_usd(row.amount_nanos),
+        daily_cap_usd=format_usd(row.daily_cap_nanos),
+        payment_method_id=row.payment_method_id,
+        consecutive_failures=row.consecutive_failures,
+        retry_after=row.retry_after,
+        last_failure=row.last_failure,
+    ).model_dump(mode="json")
+
+
+@admin.put(
+    "/accounts/<account_id>/auto-recharge",
+    tags=AUTO_RECHARGE,
+    responses={200: schemas.AutoRechargeOut, 502: schemas.ErrorOut},
+)
+def set_auto_recharge(path: schemas.AccountPath, body: schemas.AutoRechargeIn) -> dict[str, Any]:
+    """Set the account's auto-recharge: when its available balance falls below `threshold_usd`,
+    charge `amount_usd` to the saved card `payment_method_id`, at most `daily_cap_usd` a day."""
+    row = payments.configure_auto_recharge(
+        session(),
+        account_id=path.account_id,
+        enabled=body.enabled,
+        threshold_nanos=parse_usd(body.threshold_usd),
+        amount_nanos=parse_usd(body.amount_usd),
+        daily_cap_nanos=None if body.daily_cap_usd is None else parse_usd(body.daily_cap_usd),
+        payment_method_id=body.payment_method_id,
+        settings=settings(),
+        now=now(),
+    )
+    return _auto_recharge(row)
+
+
+@admin.get(
+    "/accounts/<account_id>/auto-recharge",
+    tags=AUTO_RECHARGE,
+    responses={200: schemas.AutoRechargeOut},
+)
+def get_auto_recharge(path: schemas.AccountPath) -> dict[str, Any]:
+    """The account's auto-recharge settings; 404 if none were set."""
+    row = payments.get_auto_recharge(session(), path.account_id)
+    if row is None:
+        raise payments.AutoRechargeNotSet(
+            f"Account {path.account_id} has no auto-recharge.", param="account_id"
+        )
+    return _auto_recharge(row)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
@@ -537,3 +538,115 @@ class KeyStateFeed(BaseModel):
     data: list[KeyStateChangeOut]
     next_cursor: str
     has_more: bool = Field(description="True: fetch the next page now; false: poll later.")
+
+
+# OpenAI-compatible billing (chat clients)
+#
+# These two bodies keep the shape of OpenAI's former dashboard endpoints, which chat clients
+# (NextChat, LobeChat, One API front ends) still read: their amounts are JSON numbers, because
+# those clients do arithmetic on them. They are the only money fields of this API that are not
+# decimal strings; each is computed from exact nano-dollars and rounded once, at the end, to the
+# nearest JSON number.
+
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}", re.ASCII)
+
+
+def _iso_day(value: object) -> object:
+    if isinstance(value, str):
+        if not _ISO_DAY.fullmatch(value):
+            raise ValueError(f"{value!r} is not a date in the form YYYY-MM-DD")
+        year, month, day = (int(part) for part in value.split("-"))
+        try:
+            return dt.date(year, month, day)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid date: {exc}") from None
+    return value
+
+
+IsoDay = Annotated[dt.date, BeforeValidator(_iso_day)]
+
+
+class BillingUsageQuery(BaseModel):
+    start_date: IsoDay = Field(description="First UTC day of the range, included (YYYY-MM-DD).")
+    end_date: IsoDay = Field(
+        description="UTC day after the last one, excluded (YYYY-MM-DD), as OpenAI's endpoint"
+        " took it: clients pass tomorrow to include today. At most 100 days after start_date."
+    )
+
+
+class BillingPlan(BaseModel):
+    id: str
+    title: str
+
+
+class BillingSubscriptionOut(BaseModel):
+    """The account's prepaid balance presented as OpenAI's subscription limit.
+
+    `hard_limit_usd` is the balance plus the usage settled since the start of the current UTC
+    month, so that `hard_limit_usd` minus the month's `total_usage` (as a client computes it)
+    is the balance. Amounts are USD as JSON numbers.
+    """
+
+    object: Literal["billing_subscription"] = "billing_subscription"
+    has_payment_method: bool = Field(
+        description="True when a card is saved for the account (for auto-recharge)."
+    )
+    soft_limit_usd: float = Field(description="Same as hard_limit_usd (no separate alert limit).")
+    hard_limit_usd: float = Field(description="Balance + usage since the 1st of the UTC month.")
+    system_hard_limit_usd: float = Field(description="Same as hard_limit_usd.")
+    access_until: int = Field(description="When the key expires (Unix seconds); 0: never.")
+    plan: BillingPlan
+    account_name: str
+
+
+class BillingLineItem(BaseModel):
+    name: str = Field(description="The model.")
+    cost: float = Field(description="US cents, as a JSON number.")
+
+
+class BillingDailyCost(BaseModel):
+    timestamp: float = Field(description="Start of the UTC day, Unix seconds.")
+    line_items: list[BillingLineItem]
+
+
+class BillingUsageOut(BaseModel):
+    """Settled usage of the key's account over [start_date, end_date), one entry per UTC day."""
+
+    object: Literal["list"] = "list"
+    total_usage: float = Field(description="US cents, as a JSON number (clients divide by 100).")
+    daily_costs: list[BillingDailyCost]
+
+
+# Stripe and top-ups (billing.payments)
+
+
+class StripeWebhookOut(BaseModel):
+    """A Stripe event received: applied now, or a duplicate of one applied before."""
+
+    received: bool
+    id: str
+    duplicate: bool
+
+
+class AutoRechargeIn(BaseModel):
+    """An account's auto-recharge: below `threshold_usd`, charge `amount_usd` to a saved card."""
+
+    enabled: bool
+    threshold_usd: UsdAmount
+    amount_usd: UsdAmount
+    daily_cap_usd: UsdAmount | None = None
+    payment_method_id: str | None = Field(None, max_length=100)
+
+
+class AutoRechargeOut(BaseModel):
+    """Auto-recharge settings and its back-off state."""
+
+    account_id: str
+    enabled: bool
+    threshold_usd: str
+    amount_usd: str
+    daily_cap_usd: str
+    payment_method_id: str | None
+    consecutive_failures: int
+    retry_after: dt.datetime | None
+    last_failure: str | None

@@ -17,7 +17,13 @@ from tests.support import assert_error
 from tests.webhooks.conftest import Receiver, new_account, new_key, register
 
 ENDPOINTS = "/admin/v1/webhook-endpoints"
-ALL_TYPES = ["account.balance_depleted", "account.balance_low", "key.state_changed"]
+ALL_TYPES = [
+    "account.balance_depleted",
+    "account.balance_low",
+    "auto_recharge.failed",
+    "key.state_changed",
+    "topup.succeeded",
+]
 
 
 def test_an_endpoint_is_created_with_its_secret_shown_once(admin: FlaskClient, db: Session) -> None:

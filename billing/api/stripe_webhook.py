@@ -1,0 +1,36 @@
+"""``POST /stripe/webhook``: Stripe's events, verified and handed to ``billing.payments``.
+
+The view reads the raw body, verifies its signature (``billing.stripe_api``) before anything
+else, and gives the event to the dispatcher. A bad signature is a 400 and changes nothing; a
+repeat is a 200 (Stripe stops resending); a failure is non-2xx and rolls back, so Stripe
+resends the event later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+from flask_openapi3 import APIBlueprint, Tag
+
+from billing import payments, stripe_api
+from billing.api import schemas
+from billing.api.context import now, session, settings
+
+stripe_webhook = APIBlueprint(
+    "stripe_webhook",
+    __name__,
+    abp_responses={400: schemas.ErrorOut, 409: schemas.ErrorOut},
+)
+STRIPE = [Tag(name="Stripe")]
+
+
+@stripe_webhook.post("/stripe/webhook", tags=STRIPE, responses={200: schemas.StripeWebhookOut})
+def receive_stripe_event() -> dict[str, Any]:
+    """Apply a Stripe event signed with the endpoint's secret (`Stripe-Signature`), once."""
+    config = settings()
+    event = stripe_api.verify_event(
+        request.get_data(cache=True), request.headers.get("Stripe-Signature"), config
+    )
+    applied = payments.handle_event(session(), event, settings=config, now=now())
+    return {"received": True, "id": event["id"], "duplicate": not applied}

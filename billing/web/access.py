@@ -1,0 +1,189 @@
+"""Who is signed in to the customer page, and the guards on its forms.
+
+- The page signs in with an API key. The key itself is never stored: the session (Flask's
+  signed cookie, HttpOnly, SameSite=Lax, Secure unless configured otherwise, limited to
+  ``/billing``) holds the key's id, the account's id and when the sign-in happened. Every request
+  re-reads the key, so revoking, disabling or expiring it signs the page out too.
+- Every form carries a CSRF token (one per session, compared in constant time); a POST without
+  the right one is refused with 400 and changes nothing.
+- Sign-in attempts are rate-limited per client IP with the `limits` library: in memory on the
+  embedded default, in Redis when ``REDIS_URL`` is set (so every API process shares the window).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from flask import Flask, current_app, request, session
+from limits import RateLimitItem, parse
+from limits.storage import MemoryStorage, RedisStorage, Storage
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy.orm import Session
+
+from billing import keys
+from billing.errors import BillingError, InvalidRequest
+from billing.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COOKIE_NAME = "billing_session"
+COOKIE_PATH = "/billing"
+CSRF_FIELD = "csrf_token"
+
+
+class CsrfRefused(InvalidRequest):
+    """A form was posted without this session's CSRF token."""
+
+    code = "csrf_failed"
+
+
+class TooManySignIns(BillingError):
+    """Too many sign-in attempts from one client IP within the window."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "requests"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """The signed-in key and its account."""
+
+    key: keys.ApiKey
+    account_id: str
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Configure the signed session cookie and the sign-in limiter of ``app``."""
+    # A key of its own, derived from the server secret, so the cookie signature can never be
+    # confused with an API key hash.
+    app.secret_key = hmac.new(settings.hmac_key, b"billing.web session", hashlib.sha256).digest()
+    app.config.update(
+        SESSION_COOKIE_NAME=COOKIE_NAME,
+        SESSION_COOKIE_PATH=COOKIE_PATH,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.session_cookie_secure,
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=settings.billing_session_hours),
+    )
+    storage: Storage
+    if settings.redis_url:
+        storage = RedisStorage(
+            settings.redis_url,
+            key_prefix="billing-web",
+            wrap_exceptions=True,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+        )
+    else:
+        storage = MemoryStorage()
+    app.extensions["billing_web_limiter"] = SignInLimiter(
+        storage, parse(settings.billing_sign_in_rate_limit)
+    )
+
+
+class SignInLimiter:
+    """Counts sign-in attempts per client IP in a moving window."""
+
+    def __init__(self, storage: Storage, limit: RateLimitItem) -> None:
+        self.storage = storage
+        self.limit = limit
+        self.strategy = MovingWindowRateLimiter(storage)
+
+    def hit(self, client: str) -> None:
+        """Count an attempt from ``client``; raises TooManySignIns once over the limit."""
+        try:
+            allowed = self.strategy.hit(self.limit, "sign-in", client)
+            if allowed:
+                return
+            reset = self.strategy.get_window_stats(self.limit, "sign-in", client).reset_time
+        except Exception:  # limits wraps every storage failure in its own StorageError
+            # Redis may be gone (DESIGN section 2). A key is 48 random characters, so an
+            # unlimited attempt rate is no real risk, while refusing every sign-in would stop
+            # customers from paying: let the attempt through, loudly.
+            log.warning("sign-in rate limit unavailable; attempt allowed", exc_info=True)
+            return
+        raise TooManySignIns(
+            "Too many sign-in attempts from your address. Wait a minute, then try again.",
+            retry_after=max(int(reset - time.time()) + 1, 1),
+        )
+
+    def reset(self) -> None:
+        """Forget every window (tests)."""
+        self.storage.reset()
+
+
+def limiter() -> SignInLimiter:
+    """The app's sign-in limiter."""
+    return current_app.extensions["billing_web_limiter"]  # type: ignore[no-any-return]
+
+
+def csrf_token() -> str:
+    """This session's CSRF token, created on first use."""
+    token = session.get(CSRF_FIELD)
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        session[CSRF_FIELD] = token
+    return token
+
+
+def check_csrf() -> None:
+    """Raise CsrfRefused unless the posted form carries this session's CSRF token."""
+    expected = session.get(CSRF_FIELD)
+    sent = request.form.get(CSRF_FIELD, "")
+    if not isinstance(expected, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
+        raise CsrfRefused(
+            "This form has expired or did not come from this page. Reload the page and try again.",
+            param=CSRF_FIELD,
+        )
+
+
+def sign_in(db: Session, secret: str, *, settings: Settings, now: dt.datetime) -> SignIn:
+    """Sign the session in with the API key ``secret``.
+
+    Raises TooManySignIns over the per-IP limit, and InvalidApiKey for a key that is unknown,
+    revoked, disabled or expired (a key at 402, 429 or 451 may sign in: it may want to pay).
+    """
+    limiter().hit(request.remote_addr or "unknown")
+    key = keys.find_key(db, secret.strip(), hmac_key=settings.hmac_key)
+    if keys.ENFORCEMENT[key.state_at(now)].http_status == 401:
+        raise keys.InvalidApiKey("Incorrect API key provided.", param="api_key")
+    # A fresh session (and CSRF token) on every sign-in, so nothing from before carries over.
+    session.clear()
+    session.permanent = True
+    session.update(key_id=key.id, account_id=key.account_id, signed_in_at=now.timestamp())
+    csrf_token()
+    return SignIn(key=key, account_id=key.account_id)
+
+
+def signed_in(db: Session, *, now: dt.datetime) -> SignIn | None:
+    """The session's sign-in if it is still good: the key exists and is not refused with 401."""
+    key_id = session.get("key_id")
+    signed_in_at = session.get("signed_in_at")
+    if not isinstance(key_id, str) or not isinstance(signed_in_at, int | float):
+        return None
+    lifetime = current_app.config["PERMANENT_SESSION_LIFETIME"]
+    if now.timestamp() - signed_in_at > lifetime.total_seconds():
+        sign_out()
+        return None
+    key = db.get(keys.ApiKey, key_id)
+    if key is None or keys.ENFORCEMENT[key.state_at(now)].http_status == 401:
+        sign_out()
+        return None
+    return SignIn(key=key, account_id=key.account_id)
+
+
+def sign_out() -> None:
+    """Forget the sign-in, keeping a CSRF token for the sign-in form."""
+    session.clear()
+    csrf_token()

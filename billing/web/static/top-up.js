@@ -1,0 +1,61 @@
+// The card form of a PaymentIntent top-up: Stripe.js (loaded before this file from STRIPE_JS_URL)
+// mounts the card element and confirms the payment with the client secret; the account is
+// credited by the Stripe webhook, so the page then polls the payment until it is credited.
+(function () {
+  "use strict";
+  var form = document.getElementById("pay-form");
+  if (!form) return;
+  var button = document.getElementById("pay-button");
+  var status = document.getElementById("pay-status");
+  var stripe = window.Stripe(form.dataset.publishableKey);
+  var card = stripe.elements().create("card");
+  card.mount("#card-element");
+
+  function say(text) {
+    status.textContent = text;
+  }
+
+  function sleep(ms) {
+    return new Promise(function (resolve) { setTimeout(resolve, ms); });
+  }
+
+  async function waitForCredit() {
+    // Up to two minutes: the webhook normally lands within seconds.
+    for (var attempt = 0; attempt < 120; attempt++) {
+      try {
+        var response = await fetch(form.dataset.statusUrl, {
+          credentials: "same-origin",
+          headers: { Accept: "application/json" },
+        });
+        if (response.ok) {
+          var payment = (await response.json()).payment;
+          if (payment && payment.status !== "pending") {
+            window.location.assign(form.dataset.doneUrl);
+            return;
+          }
+        }
+      } catch (error) {
+        // A dropped connection: keep polling.
+      }
+      await sleep(1000);
+    }
+    // Still not credited: the account page says so and refreshes itself until it is.
+    window.location.assign(form.dataset.doneUrl);
+  }
+
+  form.addEventListener("submit", async function (event) {
+    event.preventDefault();
+    button.disabled = true;
+    say("Confirming your payment…");
+    var result = await stripe.confirmCardPayment(form.dataset.clientSecret, {
+      payment_method: { card: card },
+    });
+    if (result.error) {
+      say((result.error && result.error.message) || "The payment was not confirmed.");
+      button.disabled = false;
+      return;
+    }
+    say("Payment confirmed. Waiting for it to be credited…");
+    await waitForCredit();
+  });
+})();

@@ -1,0 +1,242 @@
+"""The customer page at ``/billing``: sign in with an API key, see the balance, the keys, the
+usage of the last 30 days and recent ledger entries, and top up with Stripe.
+
+Views parse the form, call one domain function and render a template. Domain errors are shown
+on the page (not as JSON) with their HTTP status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from billing import keys, ledger, payments, spend
+from billing.accounts import Account, get_account
+from billing.api.context import now, session, settings
+from billing.app import current_runtime
+from billing.errors import BillingError, InvalidRequest
+from billing.money import MoneyFormatError, Nanos, parse_usd
+from billing.stripe_api import StripeNotConfigured
+from billing.web import access
+from billing.web.chart import legend_colour, usage_chart, usd
+
+web = Blueprint(
+    "web",
+    __name__,
+    url_prefix="/billing",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+
+CHART_DAYS = 30
+LEDGER_ROWS = 20
+STATE_LABELS = {
+    keys.KeyState.ACTIVE: "Active",
+    keys.KeyState.INSUFFICIENT_BALANCE: "Blocked: no balance left (402)",
+    keys.KeyState.MONTHLY_QUOTA_EXCEEDED: "Blocked: monthly spend cap reached (429)",
+    keys.KeyState.SUSPENDED: "Suspended: content policy violations (451)",
+    keys.KeyState.EXPIRED: "Expired (401)",
+    keys.KeyState.DISABLED: "Disabled (401)",
+    keys.KeyState.REVOKED: "Revoked (401)",
+}
+
+
+@web.app_template_filter("usd")
+def _usd_filter(nanos: Nanos) -> str:
+    return usd(nanos)
+
+
+@web.context_processor
+def _page_globals() -> dict[str, Any]:
+    return {"csrf_token": access.csrf_token, "csrf_field": access.CSRF_FIELD}
+
+
+@web.after_request
+def _no_store(response: Response) -> Response:
+    # Balances and keys are private and change; a shared cache or the back button must not
+    # show someone an old or another's page.
+    if not request.path.startswith("/billing/static/"):
+        response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
+def amounts(account: Account) -> dict[str, Nanos]:
+    """Balance, held and available amounts of ``account``: the holds are those in PostgreSQL
+    and, when Redis is reachable, those placed through it (``Runtime.held_nanos``)."""
+    held = current_runtime().held_nanos(account)
+    return {
+        "balance": account.balance_nanos,
+        "held": held,
+        "available": account.balance_nanos - held,
+    }
+
+
+@web.get("")
+@web.get("/")
+def page() -> ResponseReturnValue:
+    """The account page when signed in, else the sign-in form."""
+    signed = access.signed_in(session(), now=now())
+    if signed is None:
+        return render_template("billing/sign_in.html")
+    return _account_page(signed)
+
+
+@web.post("/sign-in")
+def sign_in() -> ResponseReturnValue:
+    """Sign in with an API key; a bad key shows the form again with the reason."""
+    access.check_csrf()
+    secret = request.form.get("api_key", "")
+    if not secret.strip():
+        return render_template("billing/sign_in.html", error="Enter your API key."), 400
+    try:
+        access.sign_in(session(), secret, settings=settings(), now=now())
+    except keys.InvalidApiKey:
+        return render_template(
+            "billing/sign_in.html",
+            error="That API key is not valid. Check it and try again.",
+        ), 401
+    return redirect(url_for("web.page"), code=303)
+
+
+@web.post("/sign-out")
+def sign_out() -> ResponseReturnValue:
+    """Forget the sign-in."""
+    access.check_csrf()
+    access.sign_out()
+    return redirect(url_for("web.page"), code=303)
+
+
+@web.post("/top-up")
+def top_up() -> ResponseReturnValue:
+    """Start a top-up: the card form (PaymentIntent mode) or a redirect to Stripe Checkout."""
+    access.check_csrf()
+    signed = access.signed_in(session(), now=now())
+    if signed is None:
+        return redirect(url_for("web.page"), code=303)
+    amount = _amount_from_form()
+    if settings().topup_mode == "payment_intent" and not settings().stripe_publishable_key:
+        # The card form cannot work without it: refuse before Stripe is asked for anything.
+        raise StripeNotConfigured("Payments are not configured: STRIPE_PUBLISHABLE_KEY is not set.")
+    started = payments.start_top_up(
+        session(), account_id=signed.account_id, amount_nanos=amount, settings=settings(), now=now()
+    )
+    if started.mode == "checkout":
+        assert started.checkout_url is not None
+        return redirect(started.checkout_url, code=303)
+    account = get_account(session(), signed.account_id)
+    return render_template(
+        "billing/pay.html",
+        amount=amount,
+        started=started,
+        stripe_js_url=settings().stripe_js_url,
+        amounts=amounts(account),
+    )
+
+
+@web.get("/balance")
+def balance() -> ResponseReturnValue:
+    """The signed-in account's amounts and key states as JSON; with ``?payment=<id>`` also that
+    payment's status (the pay page polls it until the webhook has credited the payment)."""
+    signed = access.signed_in(session(), now=now())
+    if signed is None:
+        return jsonify({"error": "Not signed in."}), 401
+    account = get_account(session(), signed.account_id)
+    moment = now()
+    body: dict[str, Any] = {
+        **{f"{name}_usd": usd(value) for name, value in amounts(account).items()},
+        "keys": [
+            {"masked_key": key.masked, "state": key.state_at(moment).value}
+            for key in keys.list_keys(session(), account.id)
+        ],
+    }
+    payment_id = request.args.get("payment")
+    if payment_id:
+        try:
+            payment = payments.get_payment(session(), account_id=account.id, payment_id=payment_id)
+        except payments.PaymentNotFound as exc:
+            return jsonify({"error": exc.message}), 404
+        body["payment"] = {
+            "id": payment.id,
+            "status": payment.status,
+            "failure_message": payment.failure_message,
+        }
+    return jsonify(body)
+
+
+def _amount_from_form() -> Nanos:
+    """The top-up amount chosen: a preset, or the custom amount; raises InvalidRequest."""
+    choice = request.form.get("amount", "")
+    text = request.form.get("custom_amount", "").strip() if choice == "custom" else choice
+    text = text.removeprefix("$").strip()
+    if not text:
+        raise InvalidRequest("Choose an amount, or enter one.", param="amount")
+    try:
+        amount = parse_usd(text)
+    except MoneyFormatError:
+        raise InvalidRequest(
+            f"{text!r} is not an amount in dollars, such as 20 or 20.50.", param="amount"
+        ) from None
+    low, high = settings().topup_min, settings().topup_max
+    if amount % 10_000_000:
+        raise InvalidRequest("The amount must be whole cents, such as 20.50.", param="amount")
+    if not low <= amount <= high:
+        raise InvalidRequest(
+            f"The amount must be between {usd(low)} and {usd(high)}.", param="amount"
+        )
+    return amount
+
+
+def _account_page(signed: access.SignIn, *, error: str | None = None) -> str:
+    db, moment = session(), now()
+    account = get_account(db, signed.account_id)
+    payment = None
+    if payment_id := request.args.get("payment"):  # back from paying (card form or Checkout)
+        try:
+            payment = payments.get_payment(db, account_id=account.id, payment_id=payment_id)
+        except payments.PaymentNotFound:
+            payment = None
+    today = moment.astimezone(dt.UTC).date()
+    first_day = today - dt.timedelta(days=CHART_DAYS - 1)
+    costs = spend.daily_costs(db, account.id, start=first_day, end=today + dt.timedelta(days=1))
+    chart = usage_chart(costs, first_day=first_day, days=CHART_DAYS)
+    account_keys = [(key, key.state_at(moment)) for key in keys.list_keys(db, account.id)]
+    return render_template(
+        "billing/account.html",
+        account=account,
+        amounts=amounts(account),
+        keys=account_keys,
+        state_labels=STATE_LABELS,
+        chart=chart,
+        legend=[(model, legend_colour(chart.table.models, model)) for model in chart.table.models],
+        entries=ledger.entries(db, account.id, before=None, limit=LEDGER_ROWS),
+        presets=settings().topup_presets,
+        topup_min=settings().topup_min,
+        topup_max=settings().topup_max,
+        signed_key=signed.key,
+        error=error,
+        payment=payment,
+    )
+
+
+@web.errorhandler(BillingError)
+def _billing_error(exc: BillingError) -> tuple[str, int, dict[str, str]]:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+    if isinstance(exc, access.CsrfRefused | access.TooManySignIns):
+        return render_template("billing/error.html", message=exc.message), exc.status, headers
+    signed = access.signed_in(session(), now=now())
+    if signed is None:
+        return render_template("billing/sign_in.html", error=exc.message), exc.status, headers
+    return _account_page(signed, error=exc.message), exc.status, headers
+
+
+@web.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> tuple[str, int]:
+    status = exc.code or 500
+    return render_template("billing/error.html", message=exc.description or exc.name), status

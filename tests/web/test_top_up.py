@@ -1,0 +1,181 @@
+"""A top-up end to end in real headless Chromium: the page, localstripe's Stripe.js stand-in, a
+signed Stripe webhook, the credit on the page, and the gateway told that the key is active.
+
+localstripe's stand-in renders the card element as plain inputs and, unlike Stripe.js, does not
+send them anywhere when the payment is confirmed: its ``confirmCardPayment`` only completes the
+3-D Secure step of a PaymentIntent that already has the card. So the test does the part of
+Stripe.js the stand-in leaves out, with the card typed into the page: while the stand-in's
+3-D Secure dialog is open it gives that card to the PaymentIntent and confirms it (as Stripe.js
+does inside ``confirmCardPayment``), then completes the dialog. The card is Stripe's test card
+that asks for 3-D Secure (4000 0025 0000 3155); 4242 4242 4242 4242 needs no such step, which
+the stand-in cannot take part in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import requests
+import stripe
+from flask import Flask
+from flask.testing import FlaskClient
+from playwright.sync_api import Page, expect
+
+from billing.app import Runtime
+from tests.localstripe import SECRET_KEY
+from tests.web.conftest import ARTIFACTS, STRIPE_WEBHOOK_SECRET
+from tests.web.support import customer, sign_in
+from tests.webhooks.conftest import key_changes, register, start_receiver
+
+CARD_WITH_3DS = "4000002500003155"
+
+
+def test_a_402_customer_tops_up_20_dollars_by_card_and_sees_the_credit(
+    page: Page,
+    live_app: Flask,
+    live_server: str,
+    localstripe_url: str,
+    admin_api: FlaskClient,
+) -> None:
+    gateway = start_receiver()
+    try:
+        register(admin_api, gateway, ["key.state_changed"])
+        empty = customer(admin_api, credit_usd=None)
+        assert empty.key["http_status"] == 402
+        sign_in(page, live_server, empty.secret)
+        expect(page.locator("#keys tbody tr")).to_contain_text("(402)")
+
+        page.get_by_label("$20.00").check()
+        page.get_by_role("button", name="Continue to payment").click()
+        expect(page.get_by_role("heading", name="Pay $20.00")).to_be_visible()
+        card = page.locator("#card-element")
+        for field, value in (
+            ("number", CARD_WITH_3DS),
+            ("exp_month", "12"),
+            ("exp_year", "34"),
+            ("cvc", "123"),
+            ("postal_code", "10001"),
+        ):
+            card.get_by_placeholder(field, exact=True).fill(value)
+        page.get_by_role("button", name="Pay $20.00").click()
+
+        authenticate = page.get_by_role("button", name="Complete authentication")
+        expect(authenticate).to_be_visible()
+        intent_id = _client_secret(page).split("_secret_")[0]
+        status = _attach_typed_card(page, localstripe_url, intent_id)
+        assert status == "requires_action"
+        authenticate.click()
+        expect(page.locator("#pay-status")).to_contain_text("Waiting for it to be credited")
+        intent = _wait_for_intent(localstripe_url, intent_id, "succeeded")
+        assert intent["amount"] == 2000
+
+        answer = _deliver(live_server, "payment_intent.succeeded", intent)
+        assert answer.status_code == 200, answer.text
+
+        # The page polls the payment and shows the credit once the webhook has landed.
+        expect(page.locator("#payment-notice")).to_contain_text(
+            "your payment of $20.00 has been credited", timeout=15_000
+        )
+        expect(page.locator("#balance")).to_have_text("$20.00")
+        expect(page.locator("#available")).to_have_text("$20.00")
+        expect(page.locator("#keys tbody tr")).to_contain_text("Active")
+        expect(page.locator("#ledger tbody tr").first).to_have_attribute("data-kind", "top_up")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "top-up-credited.png", full_page=True)
+
+        # The same event again credits nothing more.
+        again = _deliver(live_server, "payment_intent.succeeded", intent)
+        assert again.status_code == 200
+        page.reload()
+        expect(page.locator("#balance")).to_have_text("$20.00")
+
+        # Embedded (no Redis, no worker), `billing webhooks deliver` sends the queued webhooks.
+        runtime: Runtime = live_app.extensions["billing"]
+        with live_app.app_context():
+            assert runtime.deliver_webhooks() >= 1
+        changes = gateway.wait_for(
+            lambda received: [
+                change
+                for change in key_changes(received, empty.key["id"])
+                if change["new_state"] == "active"
+            ],
+            "key.state_changed to active",
+        )
+        assert changes[0]["old_state"] == "insufficient_balance"
+    finally:
+        gateway.server.shutdown()
+        gateway.server.server_close()
+
+
+def _client_secret(page: Page) -> str:
+    secret = page.locator("#pay-form").get_attribute("data-client-secret")
+    assert secret and secret.startswith("pi_")
+    return secret
+
+
+def _attach_typed_card(page: Page, localstripe_url: str, intent_id: str) -> str:
+    """What Stripe.js does inside confirmCardPayment: the card typed into the page becomes the
+    intent's payment method, and the intent is confirmed. Returns the intent's status."""
+    card = page.locator("#card-element")
+    typed = {
+        field: card.get_by_placeholder(field, exact=True).input_value()
+        for field in ("number", "exp_month", "exp_year", "cvc")
+    }
+    sdk = stripe.StripeClient(SECRET_KEY, base_addresses={"api": localstripe_url})
+    method = sdk.v1.payment_methods.create(
+        params={
+            "type": "card",
+            "card": {
+                "number": typed["number"],
+                "exp_month": int(typed["exp_month"]),
+                "exp_year": 2000 + int(typed["exp_year"]),
+                "cvc": typed["cvc"],
+            },
+        }
+    )
+    sdk.v1.payment_intents.update(intent_id, params={"payment_method": method.id})
+    return str(sdk.v1.payment_intents.confirm(intent_id).status)
+
+
+def _wait_for_intent(localstripe_url: str, intent_id: str, status: str) -> dict[str, Any]:
+    """The intent as Stripe's API returns it (the JSON a webhook carries), once in ``status``."""
+    deadline = time.monotonic() + 10
+    while True:
+        response = requests.get(
+            f"{localstripe_url}/v1/payment_intents/{intent_id}",
+            headers={"Authorization": f"Bearer {SECRET_KEY}"},
+            timeout=5,
+        )
+        response.raise_for_status()
+        intent: dict[str, Any] = response.json()
+        if intent["status"] == status or time.monotonic() > deadline:
+            assert intent["status"] == status, intent
+            return intent
+        time.sleep(0.1)
+
+
+def _deliver(live_server: str, event_type: str, obj: dict[str, Any]) -> requests.Response:
+    """Post a Stripe event about ``obj`` to /stripe/webhook, signed by the Stripe SDK."""
+    payload = json.dumps(
+        {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "object": "event",
+            "api_version": "2026-10-28.endive",
+            "created": int(time.time()),
+            "data": {"object": obj},
+            "livemode": False,
+            "pending_webhooks": 1,
+            "request": {"id": None, "idempotency_key": None},
+            "type": event_type,
+        }
+    )
+    signature = stripe.WebhookSignature.generate_signature_header(payload, STRIPE_WEBHOOK_SECRET)
+    return requests.post(
+        f"{live_server}/stripe/webhook",
+        data=payload.encode(),
+        headers={"Content-Type": "application/json", "Stripe-Signature": signature},
+        timeout=10,
+    )
