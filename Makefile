@@ -29,10 +29,14 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
-# The usage-metering benchmark: real gunicorn, Celery, PostgreSQL and Redis on this machine;
-# writes its results into BENCHMARKS.md (see bench/metering.py; BENCH_ARGS=--help for options).
+# The benchmarks: real gunicorn, Celery, PostgreSQL and Redis on this machine; each writes its
+# section of BENCHMARKS.md. Usage metering (bench/metering.py; BENCH_ARGS=--help for options),
+# then authorize against a bare Flask endpoint (bench/authorize.py; AUTHORIZE_ARGS), whose load
+# generator is wrk (Debian's package, installed here if missing).
 bench: $(VENV)/.installed-dev $(VENV)/.installed-bench
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench.metering $(BENCH_ARGS)
+	$(BIN)/python -m bench.authorize $(AUTHORIZE_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

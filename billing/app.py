@@ -158,8 +158,8 @@ def celery_init_app(app: Flask) -> Celery[Any]:
         beat_schedule={
             "sweep": {"task": "workers.tasks.sweep", "schedule": 5.0},
             "reconcile-ledger": {"task": "workers.tasks.reconcile_ledger", "schedule": 3600.0},
-            # Holds also expire lazily at authorize time; this releases the rest promptly.
-            "expire-holds": {"task": "workers.tasks.expire_holds", "schedule": 30.0},
+            # A hold past its expiry counts (conservatively) until this releases it.
+            "expire-holds": {"task": "workers.tasks.expire_holds", "schedule": 10.0},
             # Retries fall due on the schedule of billing.webhooks; this sends them (and any
             # delivery whose after-commit trigger was lost).
             "deliver-webhooks": {"task": "workers.tasks.deliver_webhooks", "schedule": 5.0},

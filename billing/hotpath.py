@@ -54,8 +54,6 @@ BALANCE_CURSOR = "billing:balances:cursor"
 # PostgreSQL; a key issued later has a different hash, so nothing valid is refused by it.
 UNKNOWN_KEY_TTL = 60
 UNKNOWN = "-"
-# Holds expired by each authorize before its own check (the beat task expires the rest).
-PURGE_PER_CALL = 20
 
 _PRELUDE = """
 local function release(rid)
@@ -78,7 +76,7 @@ end
 """
 
 # ARGV: keyed hash, model id ('' when the model is unknown: check the key only), amount,
-# request id, hold id, now (ms), expiry (ms), month (YYYY-MM), purge limit, now (seconds).
+# request id, hold id, now (ms), expiry (ms), month (YYYY-MM), now (seconds).
 # Answers {verdict, key id, account id, rate limit, available, hold id, amount}; the first
 # failing check in the order of DESIGN section 5 decides the verdict.
 _AUTHORIZE = (
@@ -104,7 +102,6 @@ if state == 'revoked' or state == 'disabled' or state == 'expired'
   return answer('invalid')
 end
 if state == 'suspended' then return answer('suspended') end
-purge(now, tonumber(ARGV[9]))
 local name = 'billing:acct:' .. key[2]
 local account = redis.call('HMGET', name, 'balance', 'held', 'spend:' .. kid, 'kheld:' .. kid)
 if not account[1] then return {'miss'} end
@@ -125,7 +122,7 @@ end
 -- The limits library's moving window, on its own list of timestamps (see mirror.rate_window).
 if key[8] ~= '' then
   local oldest = redis.call('LINDEX', key[8], tonumber(key[9]) - 1)
-  if oldest and tonumber(oldest) >= tonumber(ARGV[10]) - tonumber(key[10]) then
+  if oldest and tonumber(oldest) >= tonumber(ARGV[9]) - tonumber(key[10]) then
     return answer('rate_limited', string.format('%.0f', available))
   end
 end
@@ -133,17 +130,17 @@ if ARGV[2] == '' then return answer('checked', string.format('%.0f', available))
 if key[6] ~= '*' and not string.find(',' .. key[6] .. ',', ',' .. ARGV[2] .. ',', 1, true) then
   return answer('model_not_allowed', string.format('%.0f', available))
 end
-local earlier = redis.call('HGET', KEYS[1], ARGV[4])
-if earlier then
+local hold = key[2] .. ' ' .. kid .. ' ' .. ARGV[3] .. ' ' .. ARGV[5]
+if redis.call('HSETNX', KEYS[1], ARGV[4], hold) == 0 then  -- this request id holds already
+  local earlier = redis.call('HGET', KEYS[1], ARGV[4])
   local _, _, held, hold_id = string.match(earlier, '^(%S+) (%S+) (%S+) (%S+)')
   return answer('held', string.format('%.0f', available), hold_id, held)
 end
 if key[8] ~= '' then
-  redis.call('LPUSH', key[8], ARGV[10])
+  redis.call('LPUSH', key[8], ARGV[9])
   redis.call('LTRIM', key[8], 0, tonumber(key[9]) - 1)
   redis.call('EXPIRE', key[8], key[10])
 end
-redis.call('HSET', KEYS[1], ARGV[4], key[2] .. ' ' .. kid .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[7], ARGV[4])
 redis.call('HINCRBY', name, 'held', ARGV[3])
 redis.call('HINCRBY', name, 'kheld:' .. kid, ARGV[3])
@@ -231,7 +228,6 @@ class HotPath:
                 _ms(hold.now),
                 _ms(hold.expires_at),
                 rollups.month_key(hold.now),
-                PURGE_PER_CALL,
                 repr(hold.now.timestamp()),
             ],
         )

