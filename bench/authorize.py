@@ -132,7 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(prog="python -m bench.authorize", description=__doc__)
     add = parser.add_argument
     add("--seconds", type=int, default=8, help="length of each measured round")
-    add("--rounds", type=int, default=3, help="bare/authorize rounds, alternating")
+    add("--rounds", type=int, default=5, help="bare/authorize rounds, alternating")
     add("--connections", type=int, default=32)
     add("--workers", type=int, default=4, help="gunicorn worker processes (gthread)")
     add("--threads", type=int, default=4, help="threads per gunicorn worker")

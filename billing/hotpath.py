@@ -33,10 +33,13 @@ caps are copied clamped to ``mirror.EXACT_LIMIT``, which can only refuse more, n
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import redis
+from redis.commands.core import Script
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -214,12 +217,32 @@ class HotPath:
         self._authorize = client.register_script(_AUTHORIZE)
         self._publish = client.register_script(_PUBLISH)
         self._purge = client.register_script(_PURGE)
+        self._own = threading.local()
+
+    def _evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """``script`` on a connection of this thread's own: the client's per-command pool and
+        retry machinery cost about as much CPU as the script itself, once per authorize."""
+        connection = getattr(self._own, "connection", None)
+        if connection is None:
+            connection = self._own.connection = self.client.connection_pool.get_connection()
+        try:
+            try:
+                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return connection.read_response()
+            except redis.exceptions.NoScriptError:  # a restarted or flushed Redis
+                self.client.script_load(script.script)
+                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return connection.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            connection.disconnect()
+            raise
 
     def authorize(self, hold: HoldRequest) -> Verdict:
         """Check the key and, for a known model, place the hold if it fits; raises RedisError."""
-        answer = self._authorize(
-            keys=[HOLDS, EXPIRY],
-            args=[
+        answer = self._evalsha(
+            self._authorize,
+            [HOLDS, EXPIRY],
+            [
                 hold.key_hash,
                 hold.model_id or "",
                 hold.amount_nanos,
