@@ -29,6 +29,7 @@ from billing.app import Runtime, create_app
 from billing.db import transaction, utcnow
 from billing.migrate import upgrade
 from billing.settings import Settings
+from tests.support import client_with
 
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/billing_test"
@@ -117,17 +118,13 @@ def client(app: Flask, db: Session) -> FlaskClient:
 @pytest.fixture
 def admin(app: Flask, db: Session) -> FlaskClient:
     """An HTTP client sending the bootstrap admin token."""
-    test_client = app.test_client()
-    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_TOKEN}"
-    return test_client
+    return client_with(app, ADMIN_TOKEN)
 
 
 @pytest.fixture
 def gateway(app: Flask, db: Session) -> FlaskClient:
     """An HTTP client sending the bootstrap gateway token."""
-    test_client = app.test_client()
-    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {GATEWAY_TOKEN}"
-    return test_client
+    return client_with(app, GATEWAY_TOKEN)
 
 
 @pytest.fixture

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Flask
 from flask.testing import FlaskClient
 
 ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def client_with(app: Flask, token: str) -> FlaskClient:
+    """An HTTP client of ``app`` sending ``Authorization: Bearer <token>``."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return test_client
 
 
 def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:

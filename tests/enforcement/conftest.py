@@ -17,6 +17,7 @@ from billing.app import create_app
 from billing.runtime import Runtime
 from billing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN
+from tests.support import client_with
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +37,6 @@ class Edge:
     gateway: FlaskClient
 
 
-def client_of(app: Flask, token: str) -> FlaskClient:
-    test_client = app.test_client()
-    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-    return test_client
-
-
 @contextmanager
 def joined(flask_app: Flask, db: Session, backend: str) -> Iterator[Edge]:
     """``flask_app`` with its requests joining the test's rolled-back transaction."""
@@ -58,8 +53,8 @@ def joined(flask_app: Flask, db: Session, backend: str) -> Iterator[Edge]:
             backend,
             flask_app,
             runtime,
-            client_of(flask_app, ADMIN_TOKEN),
-            client_of(flask_app, GATEWAY_TOKEN),
+            client_with(flask_app, ADMIN_TOKEN),
+            client_with(flask_app, GATEWAY_TOKEN),
         )
     finally:
         runtime.sessions = original

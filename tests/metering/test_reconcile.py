@@ -26,6 +26,7 @@ from billing.cli import main
 from billing.ledger import LedgerEntry
 from billing.usage_events import UsageEvent
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, SECRET_KEY, TEST_DATABASE_URL
+from tests.support import client_with
 
 SEED = json.loads(catalog.default_price_file().read_text())
 SEED_START = dt.datetime.fromisoformat(SEED["effective_from"])
@@ -276,10 +277,8 @@ def run_reconcile() -> Result:
 def test_billing_reconcile_passes_on_settled_usage_and_names_a_tampered_event(
     app: Flask, committed: Engine
 ) -> None:
-    admin = app.test_client()
-    admin.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_TOKEN}"
-    gateway = app.test_client()
-    gateway.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {GATEWAY_TOKEN}"
+    admin = client_with(app, ADMIN_TOKEN)
+    gateway = client_with(app, GATEWAY_TOKEN)
 
     rng = random.Random(7)
     accounts = [create_account(admin, f"cli {n}") for n in range(2)]

@@ -23,6 +23,7 @@ from billing.app import create_app
 from billing.web.access import limiter
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, make_settings
 from tests.localstripe import PUBLISHABLE_KEY, SECRET_KEY, localstripe_url
+from tests.support import client_with
 
 __all__ = ["localstripe_url"]
 
@@ -116,14 +117,10 @@ def page(context: BrowserContext) -> Page:
 @pytest.fixture
 def admin_api(live_app: Flask, committed_web: Engine) -> FlaskClient:
     """The served app's admin API, in process (its writes are committed)."""
-    client = live_app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_TOKEN}"
-    return client
+    return client_with(live_app, ADMIN_TOKEN)
 
 
 @pytest.fixture
 def gateway_api(live_app: Flask, committed_web: Engine) -> FlaskClient:
     """The served app's gateway API, in process (usage reported is settled in process)."""
-    client = live_app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {GATEWAY_TOKEN}"
-    return client
+    return client_with(live_app, GATEWAY_TOKEN)

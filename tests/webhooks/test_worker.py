@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from celery import Celery
 from flask import Flask
-from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
 from billing.app import create_app
 from billing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, start_worker
+from tests.support import client_with
 from tests.webhooks.conftest import (
     Received,
     Receiver,
@@ -35,12 +35,6 @@ from tests.webhooks.conftest import (
 def redis_app(redis_settings: Settings, app: Flask) -> Flask:
     """An API that commits for real and hands work to workers (``app`` loaded the prices)."""
     return create_app(redis_settings)
-
-
-def client_with(app: Flask, token: str) -> FlaskClient:
-    test_client = app.test_client()
-    test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-    return test_client
 
 
 @pytest.fixture
