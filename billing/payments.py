@@ -316,6 +316,35 @@ def start_top_up(
     )
 
 
+def pay_top_up(
+    session: Session,
+    *,
+    account_id: str,
+    payment_id: str,
+    token: str,
+    settings: Settings,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Pay the account's pending card top-up with a card token from Stripe.js; returns the
+    PaymentIntent (its ``status`` and ``client_secret``). The account is credited when the
+    webhook (or reconciliation) confirms the payment, never here.
+
+    Raises PaymentNotFound, InvalidRequest (the payment is not a pending card top-up),
+    CardDeclined, StripeUnavailable.
+    """
+    payment = get_payment(session, account_id=account_id, payment_id=payment_id)
+    if payment.status != PaymentStatus.PENDING or payment.payment_intent_id is None:
+        raise InvalidRequest(
+            f"Payment {payment_id} is not a card top-up waiting to be paid.", param="payment_id"
+        )
+    return stripe_api.pay_with_card_token(
+        settings,
+        customer_id=ensure_customer(session, account_id, settings=settings, now=now),
+        payment_intent_id=payment.payment_intent_id,
+        token=token,
+    )
+
+
 def has_saved_card(session: Session, account_id: str) -> bool:
     """Whether the account has a card saved for auto-recharge."""
     config = session.get(AutoRecharge, account_id)

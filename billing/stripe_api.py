@@ -200,6 +200,40 @@ def create_checkout_session(
     return _plain(checkout)
 
 
+class CardDeclined(BillingError):
+    """The card was declined (or could not be used); nothing was charged."""
+
+    status = 402
+    code = "card_declined"
+    type = "card_error"
+
+
+def pay_with_card_token(
+    settings: Settings, *, customer_id: str, payment_intent_id: str, token: str
+) -> dict[str, Any]:
+    """Pay a PaymentIntent with the card Stripe.js tokenised in the customer's browser (its
+    number never reaches us): the card is saved to the customer, so auto-recharge can use it,
+    and the intent is confirmed. Returns the intent: ``succeeded``, or ``requires_action`` when
+    the bank wants the customer to authenticate (the page hands that to Stripe.js).
+
+    Raises CardDeclined, StripeUnavailable.
+    """
+    client = _client(settings)
+    try:
+        card = client.v1.customers.payment_sources.create(customer_id, params={"source": token})
+        client.v1.payment_intents.update(payment_intent_id, params={"payment_method": card.id})
+        intent = client.v1.payment_intents.confirm(payment_intent_id)
+    except stripe.CardError as exc:
+        raise CardDeclined(exc.user_message or "The card was declined.", param="token") from exc
+    except stripe.InvalidRequestError as exc:
+        raise InvalidRequest(
+            f"Stripe refused the card: {exc.user_message or exc}", param="token"
+        ) from exc
+    except stripe.StripeError as exc:
+        raise _unavailable(exc) from exc
+    return _plain(intent)
+
+
 @dataclass(frozen=True)
 class OffSessionCharge:
     """How an off-session charge ended: the PaymentIntent (if one was made) and any decline."""

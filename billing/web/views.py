@@ -140,6 +140,31 @@ def top_up() -> ResponseReturnValue:
     )
 
 
+@web.post("/top-up/<payment_id>/card")
+def pay_with_card(payment_id: str) -> ResponseReturnValue:
+    """Pay a started top-up with the card token Stripe.js made on the pay page; answers the
+    PaymentIntent's status (``requires_action``: the page lets Stripe.js authenticate it)."""
+    access.check_csrf()
+    signed = access.signed_in(session(), now=now())
+    if signed is None:
+        return jsonify({"error": "Not signed in."}), 401
+    token = request.form.get("token", "")
+    if not token.startswith("tok_"):
+        return jsonify({"error": "token must be a card token made by Stripe.js."}), 400
+    try:
+        intent = payments.pay_top_up(
+            session(),
+            account_id=signed.account_id,
+            payment_id=payment_id,
+            token=token,
+            settings=settings(),
+            now=now(),
+        )
+    except BillingError as exc:  # the page's script shows the message beside the card form
+        return jsonify({"error": exc.message}), exc.status
+    return jsonify({"status": intent.get("status")})
+
+
 @web.get("/balance")
 def balance() -> ResponseReturnValue:
     """The signed-in account's amounts and key states as JSON; with ``?payment=<id>`` also that

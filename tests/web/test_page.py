@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from billing.payments import Payment
 from billing.web.chart import usd
+from tests.localstripe import PUBLISHABLE_KEY
 from tests.web import support
 from tests.web.conftest import ARTIFACTS, SIGN_IN_LIMIT
 from tests.web.support import (
@@ -312,3 +313,62 @@ def test_back_from_paying_the_page_shows_the_payment_until_it_is_credited(
     expect(page.locator("#payment-notice")).to_have_count(0)
     expect(page.locator('meta[http-equiv="refresh"]')).to_have_count(0)
     assert page.request.get(f"{live_server}/billing/balance?payment=pay_web_2").status == 404
+
+
+def test_paying_with_a_card_refuses_bad_tokens_other_accounts_and_declined_cards(
+    live_server: str, localstripe_url: str, admin_api: FlaskClient, committed_web: Engine
+) -> None:
+    def started_top_up(secret: str) -> tuple[requests.Session, str, str]:
+        client = support.browser_like()
+        page = client.get(f"{live_server}/billing")
+        signed = client.post(
+            f"{live_server}/billing/sign-in", data={"api_key": secret, "csrf_token": csrf_of(page)}
+        )
+        pay = client.post(
+            f"{live_server}/billing/top-up", data={"amount": "10", "csrf_token": csrf_of(signed)}
+        )
+        assert pay.status_code == 200, pay.text
+        url = re.search(r'data-pay-url="([^"]+)"', pay.text)
+        assert url
+        return client, f"{live_server}{url[1]}", csrf_of(pay)
+
+    client, pay_url, token = started_top_up(customer(admin_api).secret)
+    for fields, status in (
+        ({"token": "tok_x"}, 400),  # no CSRF token: refused before anything else
+        ({"csrf_token": token}, 400),
+        ({"csrf_token": token, "token": "pm_not_a_token"}, 400),
+    ):
+        assert client.post(pay_url, data=fields).status_code == status
+    # Another account's payment is not found for this session.
+    other, _, other_csrf = started_top_up(customer(admin_api).secret)
+    card = _card_token(localstripe_url, "4242424242424242")
+    refused = other.post(pay_url, data={"csrf_token": other_csrf, "token": card})
+    assert refused.status_code == 404
+    # A declined card (Stripe's test card 4000 0000 0000 0002) is answered 402 with why.
+    declined = client.post(
+        pay_url,
+        data={"csrf_token": token, "token": _card_token(localstripe_url, "4000000000000002")},
+    )
+    assert declined.status_code == 402, declined.text
+    assert declined.json()["error"]
+    with Session(committed_web) as db:
+        statuses = set(db.scalars(select(Payment.status)))
+    assert statuses == {"pending"}  # nothing credited
+
+
+def _card_token(localstripe_url: str, number: str) -> str:
+    """A card token as Stripe.js makes one in the browser (with the publishable key)."""
+    response = requests.post(
+        f"{localstripe_url}/v1/tokens",
+        data={
+            "card[number]": number,
+            "card[exp_month]": "12",
+            "card[exp_year]": "2034",
+            "card[cvc]": "123",
+            "key": PUBLISHABLE_KEY,
+        },
+        timeout=10,
+    )
+    response.raise_for_status()
+    token: str = response.json()["id"]
+    return token

@@ -1,6 +1,8 @@
-// The card form of a PaymentIntent top-up: Stripe.js (loaded before this file from STRIPE_JS_URL)
-// mounts the card element and confirms the payment with the client secret; the account is
-// credited by the Stripe webhook, so the page then polls the payment until it is credited.
+// The card form of a PaymentIntent top-up. Stripe.js (loaded before this file from STRIPE_JS_URL)
+// mounts the card element and turns the card into a token (the number never reaches us); the
+// server pays the PaymentIntent with it, and when the bank asks for authentication Stripe.js
+// completes it. The account is credited by the Stripe webhook, so the page then polls the
+// payment until it is credited.
 (function () {
   "use strict";
   var form = document.getElementById("pay-form");
@@ -43,15 +45,45 @@
     window.location.assign(form.dataset.doneUrl);
   }
 
+  // Pays with the card in the form; answers what went wrong, or nothing.
+  async function pay() {
+    var tokenised = await stripe.createToken(card);
+    if (tokenised.error) {
+      return tokenised.error.message || "The card was not accepted.";
+    }
+    var data = new FormData(form);
+    data.append("token", tokenised.token.id);
+    var response;
+    try {
+      response = await fetch(form.dataset.payUrl, {
+        method: "POST",
+        body: data,
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      });
+    } catch (error) {
+      return "The payment could not be sent. Check your connection and try again.";
+    }
+    var body = await response.json().catch(function () { return {}; });
+    if (!response.ok) {
+      return body.error || "The payment was not accepted.";
+    }
+    if (body.status === "requires_action") {
+      var authenticated = await stripe.confirmCardPayment(form.dataset.clientSecret);
+      if (authenticated.error) {
+        return authenticated.error.message || "The payment was not authenticated.";
+      }
+    }
+    return null;
+  }
+
   form.addEventListener("submit", async function (event) {
     event.preventDefault();
     button.disabled = true;
     say("Confirming your payment…");
-    var result = await stripe.confirmCardPayment(form.dataset.clientSecret, {
-      payment_method: { card: card },
-    });
-    if (result.error) {
-      say((result.error && result.error.message) || "The payment was not confirmed.");
+    var problem = await pay();
+    if (problem) {
+      say(problem);
       button.disabled = false;
       return;
     }
