@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from typing import Any
 
 from flask import Flask
@@ -15,6 +17,23 @@ def client_with(app: Flask, token: str) -> FlaskClient:
     test_client = app.test_client()
     test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
     return test_client
+
+
+def report_usage(
+    gateway: FlaskClient, key: dict[str, Any], model: str, when: dt.datetime, usage: dict[str, Any]
+) -> None:
+    """Report one usage event of ``key`` at ``when``; it must be accepted."""
+    response = gateway.post(
+        "/gateway/v1/usage",
+        json={
+            "request_id": str(uuid.uuid4()),
+            "key_id": key["id"],
+            "model": model,
+            "usage": usage,
+            "occurred_at": when.isoformat(),
+        },
+    )
+    assert response.status_code == 202, response.get_json()
 
 
 def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:

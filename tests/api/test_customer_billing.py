@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from billing import catalog, payments
 from billing.rollups import month_start
-from tests.support import assert_error, new_key
+from tests.support import assert_error, new_key, report_usage
 
 SEED = {
     model["id"]: model for model in json.loads(catalog.default_price_file().read_text())["models"]
@@ -58,22 +58,6 @@ def funded_key(admin: FlaskClient, amount_usd: str = "10.00") -> dict[str, Any]:
     return key
 
 
-def report(
-    gateway: FlaskClient, key: dict[str, Any], model: str, when: dt.datetime, **usage: Any
-) -> None:
-    response = gateway.post(
-        "/gateway/v1/usage",
-        json={
-            "request_id": str(uuid.uuid4()),
-            "key_id": key["id"],
-            "model": model,
-            "usage": usage or SEED_002,
-            "occurred_at": when.isoformat(),
-        },
-    )
-    assert response.status_code == 202, response.get_json()
-
-
 def balance_nanos(admin: FlaskClient, account_id: str) -> int:
     balance = admin.get(f"/admin/v1/accounts/{account_id}").get_json()["balance_usd"]
     return int(Decimal(balance) * 10**9)
@@ -89,12 +73,18 @@ def test_usage_lists_every_day_with_a_line_item_per_model_in_cents(
 ) -> None:
     key = funded_key(admin)
     today = now.date()
-    report(gateway, key, CODE, now)
-    report(gateway, key, CODE, now)
-    report(
-        gateway, key, LITE, now - dt.timedelta(days=2), prompt_tokens=1000, completion_tokens=500
+    report_usage(gateway, key, CODE, now, SEED_002)
+    report_usage(gateway, key, CODE, now, SEED_002)
+    report_usage(
+        gateway,
+        key,
+        LITE,
+        now - dt.timedelta(days=2),
+        {"prompt_tokens": 1000, "completion_tokens": 500},
     )
-    report(gateway, key, LITE, now - dt.timedelta(days=20))  # outside the range asked for
+    report_usage(
+        gateway, key, LITE, now - dt.timedelta(days=20), SEED_002
+    )  # outside the range asked for
     code_cost = cost_nanos(CODE, 88, 230)
     lite_cost = cost_nanos(LITE, 1000, 500)
     assert code_cost == 1_738_820  # 88 x $1.49/M + 230 x $6.99/M
@@ -125,14 +115,15 @@ def test_the_limit_minus_this_months_usage_is_the_balance(
     admin: FlaskClient, gateway: FlaskClient, client: FlaskClient, now: dt.datetime
 ) -> None:
     key = funded_key(admin, "20.00")
-    report(gateway, key, CODE, now)
-    report(gateway, key, LITE, now, prompt_tokens=123_456, completion_tokens=7_890)
+    report_usage(gateway, key, CODE, now, SEED_002)
+    report_usage(gateway, key, LITE, now, {"prompt_tokens": 123_456, "completion_tokens": 7_890})
     # Last month's usage lowered the balance but is not part of this month's usage.
-    report(
+    report_usage(
         gateway,
         key,
         LITE,
         dt.datetime.combine(month_start(now), dt.time(), dt.UTC) - dt.timedelta(days=3),
+        SEED_002,
     )
     balance = balance_nanos(admin, key["account_id"])
     month_usage = cost_nanos(CODE, 88, 230) + cost_nanos(LITE, 123_456, 7_890)

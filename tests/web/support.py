@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import uuid
 from dataclasses import dataclass
@@ -50,22 +49,6 @@ def customer(
         )
         assert credit.status_code == 201, credit.get_json()
     return Customer(account["id"], response.get_json())
-
-
-def report_usage(
-    gateway: FlaskClient, key: dict[str, Any], model: str, when: dt.datetime, usage: dict[str, Any]
-) -> None:
-    response = gateway.post(
-        "/gateway/v1/usage",
-        json={
-            "request_id": str(uuid.uuid4()),
-            "key_id": key["id"],
-            "model": model,
-            "usage": usage,
-            "occurred_at": when.isoformat(),
-        },
-    )
-    assert response.status_code == 202, response.get_json()
 
 
 def sign_in(page: Page, base: str, secret: str) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from billing.payments import Payment
 from billing.web.chart import usd
 from tests.localstripe import PUBLISHABLE_KEY
+from tests.support import report_usage
 from tests.web import support
 from tests.web.conftest import ARTIFACTS, SIGN_IN_LIMIT
 from tests.web.support import (
@@ -23,7 +24,6 @@ from tests.web.support import (
     SEED_002,
     csrf_of,
     customer,
-    report_usage,
     sign_in,
 )
 

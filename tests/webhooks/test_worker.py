@@ -27,7 +27,6 @@ from tests.webhooks.conftest import (
     new_account,
     new_key,
     register,
-    report_usage,
 )
 
 
@@ -57,34 +56,7 @@ def retrying_worker(
         process.kill()
 
 
-def test_a_key_flipped_to_402_in_a_worker_reaches_the_gateway_signed(
-    committed: Engine,
-    redis_app: Flask,
-    worker: subprocess.Popen[bytes],
-    receiver: Receiver,
-) -> None:
-    admin = client_with(redis_app, ADMIN_TOKEN)
-    gateway = client_with(redis_app, GATEWAY_TOKEN)
-    register(admin, receiver, ["key.state_changed"])
-    account_id = new_account(admin, credit="0.001")
-    key_id = new_key(admin, account_id)
-    report_usage(gateway, key_id, 1000, 2000)  # $0.00152 against $0.001: settled by the worker
-
-    def flipped(requests: list[Received]) -> list[dict[str, Any]]:
-        return [c for c in key_changes(requests, key_id) if c["new_state"] != "active"]
-
-    [flip] = receiver.wait_for(flipped, "the signed key.state_changed of the 402")
-    assert flip["old_state"] == "active"
-    assert flip["new_state"] == "insufficient_balance"
-    assert flip["http_status"] == 402
-    assert flip["reason"] == "usage settled"
-    assert flip["account_id"] == account_id
-    assert all(request.error is None for request in receiver.requests())
-    key = admin.get(f"/admin/v1/keys/{key_id}").get_json()
-    assert (key["state"], key["http_status"]) == ("insufficient_balance", 402)
-
-
-def test_authorize_refuses_a_key_settlement_flipped_to_402_as_soon_as_the_gateway_hears(
+def test_a_key_flipped_to_402_in_a_worker_reaches_the_gateway_signed_and_authorize_refuses_it(
     committed: Engine,
     redis_app: Flask,
     worker: subprocess.Popen[bytes],
@@ -128,7 +100,14 @@ def test_authorize_refuses_a_key_settlement_flipped_to_402_as_soon_as_the_gatewa
         return [c for c in key_changes(requests, key["id"]) if c["new_state"] != "active"]
 
     [flip] = receiver.wait_for(flipped, "the signed key.state_changed of the 402")
+    assert flip["old_state"] == "active"
     assert (flip["new_state"], flip["http_status"]) == ("insufficient_balance", 402)
+    assert flip["reason"] == "usage settled"
+    assert flip["account_id"] == account_id
+    assert all(request.error is None for request in receiver.requests())
+    state = admin.get(f"/admin/v1/keys/{key['id']}").get_json()
+    assert (state["state"], state["http_status"]) == ("insufficient_balance", 402)
+    # As soon as the gateway hears of it, authorize refuses the key.
     refused = authorize("req-next")
     assert refused.status_code == 402
     assert refused.get_json()["error"]["code"] == "insufficient_balance"
