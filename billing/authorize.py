@@ -236,6 +236,7 @@ class PostgresHolds:
             placed = holds.place(
                 session,
                 key=key,
+                hold_id=hold.hold_id,
                 model_id=hold.model_id,
                 request_id=hold.request_id,
                 amount_nanos=amount_nanos,
@@ -248,7 +249,9 @@ class PostgresHolds:
         if placed is None:  # a concurrent hold took the rest of the balance
             return answer("insufficient_balance", available)
         row, left = placed
-        if limit and not self.rate_limits.hit(limit, key.id):  # a concurrent request took it
+        placed_now = row.id == hold.hold_id  # not the hold of an earlier call with this id
+        if placed_now and limit and not self.rate_limits.hit(limit, key.id):
+            # A concurrent request took the last place in the window.
             holds.release(session, [hold.request_id], reason="rate limited", now=now)
             return answer("rate_limited", available)
         return Verdict(

@@ -18,7 +18,6 @@ from billing.accounts import Account
 from billing.db import Base
 from billing.keys import ApiKey
 from billing.money import Nanos
-from billing.tokens import new_id
 
 
 class Hold(Base):
@@ -50,6 +49,7 @@ def place(
     session: Session,
     *,
     key: ApiKey,
+    hold_id: str,
     model_id: str,
     request_id: str,
     amount_nanos: Nanos,
@@ -57,13 +57,14 @@ def place(
     ttl: dt.timedelta,
     now: dt.datetime,
 ) -> tuple[Hold, Nanos] | None:
-    """Reserve ``amount_nanos`` for ``request_id``; returns the hold and the available balance
-    left, or None if it does not fit the available balance, and raises QuotaExceeded if it
-    does not fit the key's monthly cap (``month_spend`` is the key's settled spend this month).
+    """Reserve ``amount_nanos`` for ``request_id`` as hold ``hold_id``; returns the hold and the
+    available balance left, or None if it does not fit the available balance, and raises
+    QuotaExceeded if it does not fit the key's monthly cap (``month_spend`` is the key's settled
+    spend this month).
 
     Each test-and-reserve is one conditional UPDATE, which PostgreSQL evaluates on the row's
     latest version under its row lock (and SQLite under its write lock), so concurrent holds
-    can never together exceed the balance. The caller's transaction is rolled back on refusal.
+    can never together exceed the balance; the caller rolls its transaction back on a refusal.
     A repeated request id returns the hold placed for it.
     """
     earlier = session.scalars(select(Hold).where(Hold.request_id == request_id)).first()
@@ -96,7 +97,7 @@ def place(
         if fits.rowcount == 0:  # type: ignore[attr-defined]
             raise QuotaExceeded
     hold = Hold(
-        id=new_id("hold"),
+        id=hold_id,
         request_id=request_id,
         account_id=key.account_id,
         key_id=key.id,

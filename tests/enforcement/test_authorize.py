@@ -390,3 +390,12 @@ def test_a_normal_authorize_does_not_touch_postgresql(redis_app: Flask, db: Sess
         assert allowed.status_code == 200
         assert_error(refused, 402, "insufficient_balance")
         assert statements == []
+
+
+def test_repeating_a_request_id_does_not_count_against_the_rate_limit_again(edge: Edge) -> None:
+    key = new_key(edge.admin, new_account(edge.admin, "10"), rate_limit="2 per minute")
+    request_id = rid()
+    for _ in range(3):
+        assert authorize(edge, key["key"], request_id=request_id).status_code == 200
+    assert authorize(edge, key["key"]).status_code == 200  # the second of two
+    assert_error(authorize(edge, key["key"]), 429, "rate_limit_exceeded")
