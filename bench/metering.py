@@ -326,7 +326,7 @@ def recreate_database(config: Config) -> None:
 
 
 def settings_for(config: Config, data_dir: Path) -> Any:
-    from billing.settings import Settings
+    from billing.core.settings import Settings
 
     return Settings(
         _env_file=None,
@@ -343,11 +343,13 @@ def settings_for(config: Config, data_dir: Path) -> Any:
 def prepare_database(config: Config, data_dir: Path) -> tuple[list[str], Any]:
     """Migrate, load the default prices, open funded accounts with keys; the key ids and the
     Celery client of the bench's Redis."""
-    from billing import accounts, catalog, keys, ledger
+    from billing.accounts import accounts, keys
     from billing.app import create_app
-    from billing.db import utcnow
-    from billing.migrate import upgrade
-    from billing.money import parse_usd
+    from billing.catalog import catalog
+    from billing.core.db import utcnow
+    from billing.core.migrate import upgrade
+    from billing.core.money import parse_usd
+    from billing.ledger import ledger
 
     recreate_database(config)
     upgrade(config.sqlalchemy_url)

@@ -16,10 +16,10 @@ from flask_openapi3 import Info, OpenAPI
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from billing import webhooks
-from billing.db import make_engine, make_sessionmaker
+from billing.core.db import make_engine, make_sessionmaker
+from billing.core.settings import Settings
+from billing.notify import webhooks
 from billing.runtime import Runtime
-from billing.settings import Settings
 
 __all__ = ["Runtime", "create_app", "current_runtime"]
 
@@ -160,7 +160,7 @@ def celery_init_app(app: Flask) -> Celery[Any]:
             "reconcile-ledger": {"task": "workers.tasks.reconcile_ledger", "schedule": 3600.0},
             # A hold past its expiry counts (conservatively) until this releases it.
             "expire-holds": {"task": "workers.tasks.expire_holds", "schedule": 10.0},
-            # Retries fall due on the schedule of billing.webhooks; this sends them (and any
+            # Retries fall due on the schedule of billing.notify.webhooks; this sends them (and any
             # delivery whose after-commit trigger was lost).
             "deliver-webhooks": {"task": "workers.tasks.deliver_webhooks", "schedule": 5.0},
             # Idempotent and cheap, so it runs often rather than once at 00:00 UTC on the 1st,

@@ -14,12 +14,15 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import catalog, ledger, mirror, settlement
+from billing.access.auth import Role, ServiceToken, create_token
 from billing.app import Runtime, create_app
-from billing.auth import Role, ServiceToken, create_token
-from billing.db import utcnow
-from billing.errors import BillingError
-from billing.migrate import upgrade
+from billing.catalog import catalog
+from billing.core.db import utcnow
+from billing.core.errors import BillingError
+from billing.core.migrate import upgrade
+from billing.enforcement import mirror
+from billing.ledger import ledger
+from billing.metering import settlement
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """What every request, command and task shares: settings, the database, Redis, and the effects
 that must follow a commit (never precede it).
 
-Domain code marks what a transaction did (``billing.effects``: keys whose state changed, usage
+Domain code marks what a transaction did (``billing.core.effects``: keys whose state changed, usage
 waiting to be settled); after the commit, :meth:`Runtime.after_commit` carries out
 the effects: the Redis mirror is updated and settlement is triggered. If an effect is lost (a
 process dies between commit and effect), the periodic sweep and mirror sync catch up.
@@ -22,13 +22,17 @@ from limits.storage import MemoryStorage, RedisStorage
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import effects, holds, mirror, settlement, webhooks
-from billing.accounts import Account
-from billing.auth import ActorCache
-from billing.authorize import Authorizer, RateLimits
-from billing.db import transaction, utcnow
-from billing.hotpath import HotPath
-from billing.settings import Settings
+from billing.access.auth import ActorCache
+from billing.accounts.accounts import Account
+from billing.core import effects
+from billing.core.db import transaction, utcnow
+from billing.core.settings import Settings
+from billing.enforcement import mirror
+from billing.enforcement.authorize import Authorizer, RateLimits
+from billing.enforcement.hotpath import HotPath
+from billing.ledger import holds
+from billing.metering import settlement
+from billing.notify import webhooks
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class Runtime:
 
     @cached_property
     def gateway_actors(self) -> ActorCache:
-        """The gateway tokens this process has recently accepted (billing.auth.ActorCache)."""
+        """The gateway tokens this process has recently accepted (``auth.ActorCache``)."""
         return ActorCache()
 
     @cached_property
@@ -61,7 +65,7 @@ class Runtime:
 
     @cached_property
     def authorizer(self) -> Authorizer:
-        """Authorize for this process (billing.authorize)."""
+        """Authorize for this process (billing.enforcement.authorize)."""
         settings = self.settings
         memory = RateLimits(MemoryStorage())
         return Authorizer(
@@ -181,7 +185,7 @@ class Runtime:
             expired += self.hotpath.expire(now=now)
         return expired
 
-    # Webhooks (billing.webhooks)
+    # Webhooks (billing.notify.webhooks)
 
     def trigger_webhooks(self) -> None:
         """Have queued webhook deliveries sent now by a worker.

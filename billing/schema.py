@@ -1,20 +1,13 @@
 """Every table, imported in one place for migrations and schema checks."""
 
-from billing import (
-    accounts,
-    audit,
-    auth,
-    catalog,
-    holds,
-    keys,
-    ledger,
-    payments,
-    rollups,
-    usage_events,
-    violations,
-    webhooks,
-)
-from billing.db import Base
+from billing.access import audit, auth
+from billing.accounts import accounts, keys, violations
+from billing.catalog import catalog
+from billing.core.db import Base
+from billing.ledger import holds, ledger
+from billing.metering import rollups, usage_events
+from billing.notify import webhooks
+from billing.payments import payments
 
 metadata = Base.metadata
 __all__ = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from billing.db import make_engine
+from billing.core.db import make_engine
+from billing.core.settings import Settings
 from billing.schema import metadata
-from billing.settings import Settings
 
 config = context.config
 

@@ -24,11 +24,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import catalog
 from billing.app import Runtime, create_app
-from billing.db import transaction, utcnow
-from billing.migrate import upgrade
-from billing.settings import Settings
+from billing.catalog import catalog
+from billing.core.db import transaction, utcnow
+from billing.core.migrate import upgrade
+from billing.core.settings import Settings
 from tests.support import client_with
 
 TEST_DATABASE_URL = os.environ.get(

@@ -9,12 +9,13 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, create_engine, select, text
 
-from billing import accounts, ledger
+from billing.accounts import accounts
 from billing.app import Runtime, create_app
-from billing.catalog import PriceVersion
+from billing.catalog.catalog import PriceVersion
 from billing.cli import main
-from billing.db import transaction, utcnow
-from billing.money import parse_usd
+from billing.core.db import transaction, utcnow
+from billing.core.money import parse_usd
+from billing.ledger import ledger
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, TEST_DATABASE_URL, make_settings
 
 

@@ -9,7 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from billing.migrate import alembic_config
+from billing.core.migrate import alembic_config
 from billing.schema import metadata
 from tests.conftest import TEST_DATABASE_URL
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.money import FEMTOS_PER_NANO, format_usd, parse_usd
-from billing.pricing import Cost, Price, price_usage
-from billing.usage import MAX_TOKENS, TokenCounts, normalise_usage
+from billing.catalog.pricing import Cost, Price, price_usage
+from billing.catalog.usage import MAX_TOKENS, TokenCounts, normalise_usage
+from billing.core.money import FEMTOS_PER_NANO, format_usd, parse_usd
 
 # Seed 002's Responses API usage object, verbatim.
 SEED_002_USAGE: dict[str, Any] = {

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.errors import InvalidRequest
-from billing.usage import (
+from billing.catalog.usage import (
     MAX_TOKENS,
     InvalidUsage,
     TokenCounts,
@@ -19,6 +18,7 @@ from billing.usage import (
     normalise_usage,
     token_counts,
 )
+from billing.core.errors import InvalidRequest
 
 # Seed 002, verbatim: output (230) already includes reasoning (211); 88 + 230 = 318.
 SEED_002_RESPONSES: dict[str, Any] = {

@@ -7,10 +7,11 @@ import subprocess
 from celery import Celery
 from sqlalchemy import Engine, text
 
-from billing import accounts, ledger
+from billing.accounts import accounts
 from billing.app import Runtime
-from billing.db import transaction, utcnow
-from billing.money import parse_usd
+from billing.core.db import transaction, utcnow
+from billing.core.money import parse_usd
+from billing.ledger import ledger
 
 
 def test_reconcile_task_finds_drift_in_a_real_worker(

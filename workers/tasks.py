@@ -8,9 +8,12 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from billing import keys, ledger, payments, settlement
+from billing.accounts import keys
 from billing.app import current_runtime
-from billing.db import utcnow
+from billing.core.db import utcnow
+from billing.ledger import ledger
+from billing.metering import settlement
+from billing.payments import payments
 
 log = logging.getLogger(__name__)
 

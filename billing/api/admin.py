@@ -12,26 +12,19 @@ from typing import Any
 from flask import Response, g, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from billing import (
-    accounts,
-    audit,
-    auth,
-    catalog,
-    keys,
-    ledger,
-    payments,
-    rollups,
-    settlement,
-    usage_events,
-    violations,
-    webhooks,
-)
+from billing.access import audit, auth
+from billing.access.auth import Role, authenticate
+from billing.accounts import accounts, keys, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, held, now, session, settings
 from billing.app import current_runtime
-from billing.auth import Role, authenticate
-from billing.errors import InvalidRequest
-from billing.money import format_usd, parse_usd
+from billing.catalog import catalog
+from billing.core.errors import InvalidRequest
+from billing.core.money import format_usd, parse_usd
+from billing.ledger import ledger
+from billing.metering import rollups, settlement, usage_events
+from billing.notify import webhooks
+from billing.payments import payments
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
 ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}
@@ -495,7 +488,7 @@ def replay_webhook_delivery(path: schemas.WebhookDeliveryPath) -> tuple[dict[str
     return render.webhook_delivery(row).model_dump(mode="json"), 201
 
 
-# Auto-recharge (billing.payments)
+# Auto-recharge (billing.payments.payments)
 
 AUTO_RECHARGE = [Tag(name="Auto-recharge")]
 

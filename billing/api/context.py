@@ -9,11 +9,11 @@ from flask import g, request
 from sqlalchemy.orm import Session
 
 from billing.app import current_runtime
-from billing.db import utcnow
+from billing.core.db import utcnow
 
 if TYPE_CHECKING:
-    from billing.accounts import Account
-    from billing.settings import Settings
+    from billing.accounts.accounts import Account
+    from billing.core.settings import Settings
 
 
 def settings() -> Settings:

@@ -8,10 +8,12 @@ from typing import Any
 
 from flask_openapi3 import APIBlueprint, Tag
 
-from billing import catalog, keys, spend
+from billing.access.auth import Unauthenticated
+from billing.accounts import keys
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
-from billing.auth import Unauthenticated
+from billing.catalog import catalog
+from billing.metering import spend
 
 customer = APIBlueprint(
     "customer",

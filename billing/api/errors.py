@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from billing.errors import BillingError, InvalidRequest
+from billing.core.errors import BillingError, InvalidRequest
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,17 @@ from flask import Response, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, Field
 
-from billing import keys, usage_events, violations
+from billing.access.auth import Role
+from billing.accounts import keys, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.api.errors import json_body
 from billing.app import current_runtime
-from billing.auth import Role
-from billing.authorize import Authorization, AuthorizeRequest
-from billing.errors import InvalidRequest
-from billing.money import format_usd
-from billing.usage import MAX_TOKENS
+from billing.catalog.usage import MAX_TOKENS
+from billing.core.errors import InvalidRequest
+from billing.core.money import format_usd
+from billing.enforcement.authorize import Authorization, AuthorizeRequest
+from billing.metering import usage_events
 
 gateway = APIBlueprint(
     "gateway",

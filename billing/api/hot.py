@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import ValidationError
 
+from billing.access.auth import Role
 from billing.api.errors import error_document
 from billing.api.gateway import AuthorizeIn, authorized
-from billing.auth import Role
-from billing.authorize import NeedsDatabase
-from billing.db import utcnow
-from billing.errors import BillingError
+from billing.core.db import utcnow
+from billing.core.errors import BillingError
+from billing.enforcement.authorize import NeedsDatabase
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

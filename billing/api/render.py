@@ -9,19 +9,19 @@ from typing import Any
 
 from flask import Response
 
-from billing.accounts import Account
+from billing.access.audit import AuditEntry
+from billing.access.auth import ServiceToken
+from billing.accounts.accounts import Account
+from billing.accounts.keys import ENFORCEMENT, ApiKey, KeyState, KeyStateChange
+from billing.accounts.violations import Reported, Violation
 from billing.api import schemas
-from billing.audit import AuditEntry
-from billing.auth import ServiceToken
-from billing.catalog import ModelListing
-from billing.keys import ENFORCEMENT, ApiKey, KeyState, KeyStateChange
-from billing.ledger import LedgerEntry
-from billing.money import format_usd
-from billing.pricing import breakdown_usd
-from billing.settlement import UnpricedModel
-from billing.usage_events import UsageEvent
-from billing.violations import Reported, Violation
-from billing.webhooks import (
+from billing.catalog.catalog import ModelListing
+from billing.catalog.pricing import breakdown_usd
+from billing.core.money import format_usd
+from billing.ledger.ledger import LedgerEntry
+from billing.metering.settlement import UnpricedModel
+from billing.metering.usage_events import UsageEvent
+from billing.notify.webhooks import (
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,

@@ -22,8 +22,8 @@ from pydantic import (
     StrictInt,
 )
 
-from billing.errors import InvalidRequest
-from billing.money import MAX_AMOUNT_NANOS, MoneyFormatError, format_usd, parse_usd
+from billing.core.errors import InvalidRequest
+from billing.core.money import MAX_AMOUNT_NANOS, MoneyFormatError, format_usd, parse_usd
 
 
 def _refuse_numbers(value: object) -> object:
@@ -617,7 +617,7 @@ class BillingUsageOut(BaseModel):
     daily_costs: list[BillingDailyCost]
 
 
-# Stripe and top-ups (billing.payments)
+# Stripe and top-ups (billing.payments.payments)
 
 
 class StripeWebhookOut(BaseModel):

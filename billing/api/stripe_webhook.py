@@ -1,8 +1,8 @@
-"""``POST /stripe/webhook``: Stripe's events, verified and handed to ``billing.payments``.
+"""``POST /stripe/webhook``: Stripe's events, verified and handed to ``billing.payments.payments``.
 
-The view reads the raw body, verifies its signature (``billing.stripe_api``) before anything
-else, and gives the event to the dispatcher. A bad signature is a 400 and changes nothing; a
-repeat is a 200 (Stripe stops resending); a failure is non-2xx and rolls back, so Stripe
+The view reads the raw body, verifies its signature (``billing.payments.stripe_api``) before
+anything else, and gives the event to the dispatcher. A bad signature is a 400 and changes
+nothing; a repeat is a 200 (Stripe stops resending); a failure is non-2xx and rolls back, so Stripe
 resends the event later.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 from flask import request
 from flask_openapi3 import APIBlueprint, Tag
 
-from billing import payments, stripe_api
 from billing.api import schemas
 from billing.api.context import now, session, settings
+from billing.payments import payments, stripe_api
 
 stripe_webhook = APIBlueprint(
     "stripe_webhook",

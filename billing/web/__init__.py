@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from billing.settings import Settings
+from billing.core.settings import Settings
 
 
 def init_app(app: Flask, settings: Settings) -> None:

@@ -26,9 +26,9 @@ from limits.storage import MemoryStorage, RedisStorage, Storage
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session
 
-from billing import keys
-from billing.errors import BillingError, InvalidRequest
-from billing.settings import Settings
+from billing.accounts import keys
+from billing.core.errors import BillingError, InvalidRequest
+from billing.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import billing.db
+import billing.core.db
 
 revision: str = "10e63fef66c7"
 down_revision: str | None = "45bd70a25a57"
@@ -25,8 +25,8 @@ def upgrade() -> None:
         sa.Column("url", sa.String(length=2000), nullable=False),
         sa.Column("event_types", sa.JSON(), nullable=False),
         sa.Column("secret_salt", sa.String(length=64), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("disabled_at", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("disabled_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_endpoints")),
     )
     op.create_table(
@@ -34,7 +34,7 @@ def upgrade() -> None:
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("type", sa.String(length=64), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "type IN ('key.state_changed', 'account.balance_low', 'account.balance_depleted')",
             name=op.f("ck_webhook_events_type_known"),
@@ -49,11 +49,11 @@ def upgrade() -> None:
         sa.Column("replay_of", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("status", sa.String(length=12), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("last_status_code", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.String(length=500), nullable=True),
-        sa.Column("delivered_at", billing.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("delivered_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "(status = 'pending') = (next_attempt_at IS NOT NULL)",
             name=op.f("ck_webhook_deliveries_pending_is_scheduled"),
@@ -105,7 +105,7 @@ def upgrade() -> None:
         sa.Column(
             "delivery_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
         ),
-        sa.Column("attempted_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("attempted_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("error", sa.String(length=500), nullable=True),
         sa.Column("duration_ms", sa.Integer(), nullable=False),

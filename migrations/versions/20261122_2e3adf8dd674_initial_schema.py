@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import billing.db
+import billing.core.db
 
 revision: str = "2e3adf8dd674"
 down_revision: str | None = None
@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("email", sa.String(length=320), nullable=True),
         sa.Column("balance_nanos", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_accounts")),
     )
     op.create_table(
@@ -36,13 +36,13 @@ def upgrade() -> None:
         sa.Column("target_id", sa.String(length=200), nullable=True),
         sa.Column("status", sa.Integer(), nullable=False),
         sa.Column("request", sa.JSON(), nullable=True),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_log")),
     )
     op.create_table(
         "models",
         sa.Column("id", sa.String(length=128), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_models")),
     )
     op.create_table(
@@ -53,8 +53,8 @@ def upgrade() -> None:
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("display_prefix", sa.String(length=16), nullable=False),
         sa.Column("last4", sa.String(length=4), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("revoked_at", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "role IN ('admin', 'gateway')", name=op.f("ck_service_tokens_role_known")
         ),
@@ -73,11 +73,11 @@ def upgrade() -> None:
         sa.Column("rate_limit", sa.String(length=100), nullable=True),
         sa.Column("monthly_cap_nanos", sa.BigInteger(), nullable=True),
         sa.Column("allowed_models", sa.JSON(), nullable=True),
-        sa.Column("expires_at", billing.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("disabled_at", billing.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("revoked_at", billing.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("suspended_at", billing.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("disabled_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("revoked_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("suspended_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "state IN ('revoked', 'disabled', 'expired', 'suspended', 'insufficient_balance', 'monthly_quota_exceeded', 'active')",
             name=op.f("ck_api_keys_state_known"),
@@ -104,7 +104,7 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=300), nullable=True),
         sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.Column("actor", sa.String(length=100), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "(kind IN ('top_up', 'dispute_won') AND amount_nanos > 0) OR (kind IN ('usage', 'refund', 'dispute') AND amount_nanos < 0) OR (kind = 'adjustment' AND amount_nanos <> 0)",
             name=op.f("ck_ledger_entries_sign_matches_kind"),
@@ -122,7 +122,7 @@ def upgrade() -> None:
         "model_aliases",
         sa.Column("alias", sa.String(length=128), nullable=False),
         sa.Column("model_id", sa.String(length=128), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["model_id"], ["models.id"], name=op.f("fk_model_aliases_model_id_models")
         ),
@@ -133,13 +133,13 @@ def upgrade() -> None:
         "price_versions",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("model_id", sa.String(length=128), nullable=False),
-        sa.Column("effective_from", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("effective_from", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("input_nanos_per_m", sa.BigInteger(), nullable=False),
         sa.Column("output_nanos_per_m", sa.BigInteger(), nullable=False),
         sa.Column("cached_input_nanos_per_m", sa.BigInteger(), nullable=True),
         sa.Column("reasoning_nanos_per_m", sa.BigInteger(), nullable=True),
         sa.Column("max_output_tokens", sa.Integer(), nullable=True),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "input_nanos_per_m >= 0 AND output_nanos_per_m >= 0 AND (cached_input_nanos_per_m IS NULL OR cached_input_nanos_per_m >= 0) AND (reasoning_nanos_per_m IS NULL OR reasoning_nanos_per_m >= 0)",
             name=op.f("ck_price_versions_prices_not_negative"),
@@ -161,7 +161,7 @@ def upgrade() -> None:
         sa.Column("old_state", sa.String(length=32), nullable=True),
         sa.Column("new_state", sa.String(length=32), nullable=False),
         sa.Column("reason", sa.String(length=200), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["key_id"], ["api_keys.id"], name=op.f("fk_key_state_changes_key_id_api_keys")
         ),

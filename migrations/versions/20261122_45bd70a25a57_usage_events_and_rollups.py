@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import billing.db
+import billing.core.db
 
 revision: str = "45bd70a25a57"
 down_revision: str | None = "2e3adf8dd674"
@@ -33,8 +33,8 @@ def upgrade() -> None:
         sa.Column("output_tokens", sa.BigInteger(), nullable=False),
         sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False),
         sa.Column("outcome", sa.String(length=24), nullable=False),
-        sa.Column("occurred_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("received_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("occurred_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("status", sa.String(length=12), nullable=False),
         sa.Column("model_id", sa.String(length=128), nullable=True),
         sa.Column(
@@ -45,7 +45,7 @@ def upgrade() -> None:
         sa.Column(
             "ledger_entry_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
-        sa.Column("settled_at", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("settled_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "(status = 'settled') = (cost_nanos IS NOT NULL AND price_version_id IS NOT NULL AND settled_at IS NOT NULL)",
             name=op.f("ck_usage_events_settled_has_price"),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import billing.db
+import billing.core.db
 
 revision: str = "70ae7e143e2d"
 down_revision: str | None = "10e63fef66c7"
@@ -27,8 +27,8 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(length=200), nullable=False),
         sa.Column("category", sa.String(length=64), nullable=False),
         sa.Column("detail", sa.String(length=2000), nullable=True),
-        sa.Column("reported_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("cleared_at", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("reported_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("cleared_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["account_id"], ["accounts.id"], name=op.f("fk_violations_account_id_accounts")
         ),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import billing.db
+import billing.core.db
 
 revision: str = "5c1d0a7e9b21"
 down_revision: str | None = "70ae7e143e2d"
@@ -38,9 +38,9 @@ def upgrade() -> None:
         sa.Column("key_id", sa.String(length=40), nullable=False),
         sa.Column("model_id", sa.String(length=200), nullable=False),
         sa.Column("amount_nanos", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("expires_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("released_at", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("released_at", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("release_reason", sa.String(length=40), nullable=True),
         sa.ForeignKeyConstraint(
             ["account_id"], ["accounts.id"], name=op.f("fk_holds_account_id_accounts")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import billing.db
+import billing.core.db
 
 OLD_TYPES = "type IN ('key.state_changed', 'account.balance_low', 'account.balance_depleted')"
 NEW_TYPES = (
@@ -31,7 +31,7 @@ def upgrade() -> None:
         "stripe_events",
         sa.Column("id", sa.String(length=255), nullable=False),
         sa.Column("type", sa.String(length=100), nullable=False),
-        sa.Column("processed_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("processed_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_stripe_events")),
     )
     op.create_table(
@@ -43,9 +43,9 @@ def upgrade() -> None:
         sa.Column("daily_cap_nanos", sa.BigInteger(), nullable=False),
         sa.Column("payment_method_id", sa.String(length=100), nullable=True),
         sa.Column("consecutive_failures", sa.Integer(), nullable=False),
-        sa.Column("retry_after", billing.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("retry_after", billing.core.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("last_failure", sa.String(length=500), nullable=True),
-        sa.Column("updated_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint("amount_nanos > 0", name=op.f("ck_auto_recharges_amount_positive")),
         sa.CheckConstraint(
             "consecutive_failures >= 0", name=op.f("ck_auto_recharges_failures_not_negative")
@@ -65,7 +65,7 @@ def upgrade() -> None:
         "stripe_customers",
         sa.Column("account_id", sa.String(length=40), nullable=False),
         sa.Column("customer_id", sa.String(length=100), nullable=False),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["account_id"], ["accounts.id"], name=op.f("fk_stripe_customers_account_id_accounts")
         ),
@@ -89,8 +89,8 @@ def upgrade() -> None:
         ),
         sa.Column("idempotency_key", sa.String(length=200), nullable=True),
         sa.Column("failure_message", sa.String(length=500), nullable=True),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "(status = 'succeeded') = (credit_entry_id IS NOT NULL)",
             name=op.f("ck_payments_credited_iff_succeeded"),
@@ -141,8 +141,8 @@ def upgrade() -> None:
         sa.Column(
             "recredit_entry_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
-        sa.Column("created_at", billing.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", billing.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", billing.core.db.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint("amount_cents > 0", name=op.f("ck_stripe_disputes_amount_positive")),
         sa.ForeignKeyConstraint(
             ["debit_entry_id"],

@@ -13,12 +13,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from billing import ledger
+from billing.access.audit import AuditEntry
+from billing.access.auth import Role, create_token
 from billing.app import Runtime
-from billing.audit import AuditEntry
-from billing.auth import Role, create_token
-from billing.db import utcnow
-from billing.money import MAX_AMOUNT_NANOS, format_usd
+from billing.core.db import utcnow
+from billing.core.money import MAX_AMOUNT_NANOS, format_usd
+from billing.ledger import ledger
 from tests.support import assert_error
 
 NANOS_PER_USD = Decimal(10) ** 9

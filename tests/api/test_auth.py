@@ -11,10 +11,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from billing.access.audit import AuditEntry
+from billing.access.auth import Role, create_token
 from billing.app import Runtime
-from billing.audit import AuditEntry
-from billing.auth import Role, create_token
-from billing.db import utcnow
+from billing.core.db import utcnow
 from tests.support import ERROR_KEYS, assert_error
 
 

@@ -12,8 +12,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from billing import catalog
-from billing.keys import ApiKey
+from billing.accounts.keys import ApiKey
+from billing.catalog import catalog
 from tests.support import ERROR_KEYS
 
 SEED = json.loads(catalog.default_price_file().read_text())

@@ -13,9 +13,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from billing import keys
+from billing.accounts import keys
+from billing.accounts.keys import ApiKey, KeyStateChange
 from billing.app import Runtime
-from billing.keys import ApiKey, KeyStateChange
 from tests.support import assert_error, new_key
 
 KEY_FORMAT = re.compile(r"sk-[0-9A-Za-z]{40,}")

@@ -12,7 +12,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-from billing import catalog
+from billing.catalog import catalog
 from tests.support import assert_error
 
 USD = re.compile(r"[0-9]+\.[0-9]{9}")

@@ -12,10 +12,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import hotpath
 from billing.app import create_app
+from billing.core.settings import Settings
+from billing.enforcement import hotpath
 from billing.runtime import Runtime
-from billing.settings import Settings
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN
 from tests.support import client_with
 

@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing.keys import KeyStateChange
+from billing.accounts.keys import KeyStateChange
 
 
 def new_account(admin: FlaskClient, credit: str = "10") -> str:

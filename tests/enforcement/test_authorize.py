@@ -19,9 +19,9 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from billing.app import create_app
-from billing.authorize import seconds_to_next_month
-from billing.db import utcnow
-from billing.tokens import keyed_hash
+from billing.core.db import utcnow
+from billing.core.ids import keyed_hash
+from billing.enforcement.authorize import seconds_to_next_month
 from tests.conftest import SECRET_KEY, make_settings
 from tests.enforcement.conftest import Edge, joined
 from tests.enforcement.support import new_account, rid

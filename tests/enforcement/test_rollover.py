@@ -11,8 +11,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-from billing import keys, rollups
-from billing.db import utcnow
+from billing.accounts import keys
+from billing.core.db import utcnow
+from billing.metering import rollups
 from tests.enforcement.support import new_account, state_changes
 from tests.support import key_state, new_key
 from workers import tasks

@@ -12,10 +12,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from billing.access.auth import Role, create_token
 from billing.app import Runtime
-from billing.auth import Role, create_token
-from billing.db import utcnow
-from billing.usage_events import UsageEvent
+from billing.core.db import utcnow
+from billing.metering.usage_events import UsageEvent
 from tests.support import ERROR_KEYS, assert_error
 
 

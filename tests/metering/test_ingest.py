@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing.usage_events import UsageEvent
+from billing.metering.usage_events import UsageEvent
 from tests.support import assert_error
 
 USAGE = "/gateway/v1/usage"

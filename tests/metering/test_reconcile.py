@@ -21,10 +21,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from billing import catalog, ledger, settlement
+from billing.catalog import catalog
 from billing.cli import main
-from billing.ledger import LedgerEntry
-from billing.usage_events import UsageEvent
+from billing.ledger import ledger
+from billing.ledger.ledger import LedgerEntry
+from billing.metering import settlement
+from billing.metering.usage_events import UsageEvent
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, SECRET_KEY, TEST_DATABASE_URL
 from tests.support import client_with
 

@@ -20,13 +20,15 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from billing import catalog, ledger, settlement, usage_events
+from billing.accounts.keys import KeyStateChange
 from billing.app import Runtime
-from billing.catalog import PriceVersion
-from billing.db import utcnow
-from billing.keys import KeyStateChange
-from billing.ledger import LedgerEntry
-from billing.usage_events import UsageEvent
+from billing.catalog import catalog
+from billing.catalog.catalog import PriceVersion
+from billing.core.db import utcnow
+from billing.ledger import ledger
+from billing.ledger.ledger import LedgerEntry
+from billing.metering import settlement, usage_events
+from billing.metering.usage_events import UsageEvent
 from tests.support import key_state, new_key
 
 USAGE = "/gateway/v1/usage"

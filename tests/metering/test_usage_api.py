@@ -19,8 +19,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing import catalog
-from billing.usage_events import UsageEvent
+from billing.catalog import catalog
+from billing.metering.usage_events import UsageEvent
 from tests.support import assert_error
 
 USD9 = re.compile(r"[0-9]+\.[0-9]{9}")

@@ -17,10 +17,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-from billing import payments
 from billing.app import Runtime, create_app
-from billing.db import utcnow
-from billing.money import parse_usd
+from billing.core.db import utcnow
+from billing.core.money import parse_usd
+from billing.payments import payments
 from tests.conftest import make_settings
 from tests.localstripe import PUBLISHABLE_KEY, SECRET_KEY, localstripe_url
 

@@ -12,9 +12,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing import payments
-from billing.ledger import LedgerEntry
-from billing.webhooks import WebhookEvent
+from billing.ledger.ledger import LedgerEntry
+from billing.notify.webhooks import WebhookEvent
+from billing.payments import payments
 from tests.payments.conftest import Deliver, balance, event, sign, succeeded
 from tests.support import assert_error, key_state, new_key
 

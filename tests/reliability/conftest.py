@@ -31,7 +31,7 @@ import requests
 from celery import Celery
 from sqlalchemy import Engine, text
 
-from billing.settings import Settings
+from billing.core.settings import Settings
 from tests.conftest import (
     ADMIN_TOKEN,
     GATEWAY_TOKEN,

@@ -23,9 +23,11 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from billing import ledger, mirror, settlement
-from billing.settings import Settings
-from billing.settlement import BATCH_SIZE
+from billing.core.settings import Settings
+from billing.enforcement import mirror
+from billing.ledger import ledger
+from billing.metering import settlement
+from billing.metering.settlement import BATCH_SIZE
 from tests.conftest import TEST_DATABASE_URL, worker_env
 from tests.reliability.conftest import (
     Api,

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from billing import accounts, keys, webhooks
+from billing.accounts import accounts, keys
 from billing.app import Runtime, create_app
 from billing.cli import main
-from billing.db import utcnow
-from billing.settings import Settings
+from billing.core.db import utcnow
+from billing.core.settings import Settings
+from billing.notify import webhooks
 from tests.webhooks.conftest import Receiver
 
 

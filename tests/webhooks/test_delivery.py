@@ -1,4 +1,4 @@
-"""Signed delivery to a real HTTP receiver, in-process (``billing.webhooks.deliver_due``): the
+"""Signed delivery to a real HTTP receiver, in-process (``webhooks.deliver_due``): the
 events, their signatures, retries on the schedule with every attempt logged, replay, and the
 balance notices (DESIGN 5, 6.4 and 7)."""
 
@@ -16,10 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from billing import accounts, keys, ledger, webhooks
+from billing.accounts import accounts, keys
 from billing.app import Runtime, create_app
-from billing.db import utcnow
-from billing.money import parse_usd
+from billing.core.db import utcnow
+from billing.core.money import parse_usd
+from billing.ledger import ledger
+from billing.notify import webhooks
 from tests.conftest import make_settings
 from tests.webhooks.conftest import (
     Receiver,

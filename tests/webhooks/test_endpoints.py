@@ -11,8 +11,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import webhooks
-from billing.audit import AuditEntry
+from billing.access.audit import AuditEntry
+from billing.notify import webhooks
 from tests.support import assert_error
 from tests.webhooks.conftest import Receiver, new_account, new_key, register
 

@@ -9,11 +9,12 @@ from typing import Any
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-from billing import accounts, keys, ledger
+from billing.accounts import accounts, keys
 from billing.api.schemas import decode_cursor
 from billing.app import Runtime
-from billing.db import utcnow
-from billing.money import parse_usd
+from billing.core.db import utcnow
+from billing.core.money import parse_usd
+from billing.ledger import ledger
 from tests.conftest import ADMIN_TOKEN
 from tests.support import assert_error
 

@@ -17,7 +17,7 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from billing.app import create_app
-from billing.settings import Settings
+from billing.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, start_worker
 from tests.support import client_with
 from tests.webhooks.conftest import (

@@ -3,8 +3,8 @@
 Redis keeps a copy of what authorize needs, so that a normal authorize is one script call and
 never touches PostgreSQL:
 
-- ``billing:key:<id>`` (written by ``billing.mirror``): the key's state and the limits it
-  enforces; ``billing:kh:<keyed hash>`` names the key a secret belongs to.
+- ``billing:key:<id>`` (written by ``billing.enforcement.mirror``): the key's state and the
+  limits it enforces; ``billing:kh:<keyed hash>`` names the key a secret belongs to.
 - The key's rate limit: the `limits` library's moving window for Redis, the same list of
   timestamps under the same name (``mirror.rate_window``), tested and counted inside the
   script, so that a request refused for any other reason never counts and an allowed one costs
@@ -43,11 +43,12 @@ from redis.commands.core import Script
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing import mirror, rollups
-from billing.accounts import Account
-from billing.effects import AccountSnapshot
-from billing.keys import CHANGE_COMMIT_LAG, ApiKey
-from billing.ledger import LedgerEntry
+from billing.accounts.accounts import Account
+from billing.accounts.keys import CHANGE_COMMIT_LAG, ApiKey
+from billing.core.effects import AccountSnapshot
+from billing.enforcement import mirror
+from billing.ledger.ledger import LedgerEntry
+from billing.metering import rollups
 
 ACCOUNT_PREFIX = "billing:acct:"
 HOLDS = "billing:holds"

@@ -1,7 +1,7 @@
 """What an account has spent, by UTC day and model, and the limit chat clients show against it.
 
-Read from the daily usage rollups (``billing.rollups``), so it counts settled usage only: an
-event reported but not yet settled appears here once settlement has priced it.
+Read from the daily usage rollups (``billing.metering.rollups``), so it counts settled usage
+only: an event reported but not yet settled appears here once settlement has priced it.
 
 Chat clients (NextChat, LobeChat, One API front ends) show "used / total" where used is the
 usage since the first of the month and total is ``hard_limit_usd``. A prepaid account has no
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing import payments
-from billing.accounts import Account, get_account
-from billing.errors import InvalidRequest
-from billing.money import Nanos
-from billing.rollups import UsageRollup, month_start
+from billing.accounts.accounts import Account, get_account
+from billing.core.errors import InvalidRequest
+from billing.core.money import Nanos
+from billing.metering.rollups import UsageRollup, month_start
+from billing.payments import payments
 
 # OpenAI's usage endpoint refused longer ranges; clients ask for at most 100 days.
 MAX_RANGE_DAYS = 100

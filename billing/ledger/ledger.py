@@ -25,12 +25,12 @@ from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, se
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing import webhooks
-from billing.accounts import Account, get_account
-from billing.db import Base, BigIntId, newest_first
-from billing.errors import Conflict, InvalidRequest
-from billing.keys import refresh_account_keys
-from billing.money import MAX_AMOUNT_NANOS, Nanos, format_usd
+from billing.accounts.accounts import Account, get_account
+from billing.accounts.keys import refresh_account_keys
+from billing.core.db import Base, BigIntId, newest_first
+from billing.core.errors import Conflict, InvalidRequest
+from billing.core.money import MAX_AMOUNT_NANOS, Nanos, format_usd
+from billing.notify import webhooks
 
 
 class EntryKind(enum.StrEnum):
@@ -190,7 +190,7 @@ def _record(session: Session, entry: LedgerEntry) -> None:
 
 def _move_balance(session: Session, entry: LedgerEntry) -> None:
     """Move the balance by ``entry``'s amount by an atomic in-place increment; announce the
-    balance crossing a notice threshold (``billing.webhooks``)."""
+    balance crossing a notice threshold (``billing.notify.webhooks``)."""
     balance = session.execute(
         update(Account)
         .where(Account.id == entry.account_id)

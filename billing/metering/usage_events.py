@@ -35,12 +35,12 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.schema import ForeignKey
 
-from billing.db import Base, BigIntId, json_document
-from billing.effects import mark_usage_pending
-from billing.errors import BillingError, InvalidRequest, NotFound
-from billing.keys import ApiKey
-from billing.tokens import keyed_hash
-from billing.usage import TokenCounts, normalise_usage, token_counts
+from billing.accounts.keys import ApiKey
+from billing.catalog.usage import TokenCounts, normalise_usage, token_counts
+from billing.core.db import Base, BigIntId, json_document
+from billing.core.effects import mark_usage_pending
+from billing.core.errors import BillingError, InvalidRequest, NotFound
+from billing.core.ids import keyed_hash
 
 MAX_BATCH = 1000
 # How far ahead of our clock a reported occurred_at may be (clock skew between hosts).

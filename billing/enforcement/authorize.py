@@ -7,7 +7,7 @@ open holds plus this hold would pass the cap), 429 rate limited, 403 model not a
 unknown model. A request refused for any reason but its rate limit does not consume it.
 
 Two places can check and hold, with the same rules (see ``Verdict``):
-- Redis (``billing.hotpath``), when configured: one script call, no PostgreSQL;
+- Redis (``billing.enforcement.hotpath``), when configured: one script call, no PostgreSQL;
 - PostgreSQL (``PostgresHolds``): on the embedded default, and when Redis is down unless
   ``AUTHORIZE_WHEN_REDIS_DOWN=refuse`` (then 503). Never "allow everything".
 """
@@ -29,14 +29,16 @@ from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import catalog, holds, rollups
-from billing.accounts import Account
-from billing.errors import BillingError
-from billing.hotpath import HoldRequest, HotPath, Verdict
-from billing.keys import ENFORCEMENT, ApiKey, KeyState
-from billing.money import Nanos
-from billing.pricing import Price, worst_case_cost
-from billing.tokens import keyed_hash, new_id
+from billing.accounts.accounts import Account
+from billing.accounts.keys import ENFORCEMENT, ApiKey, KeyState
+from billing.catalog import catalog
+from billing.catalog.pricing import Price, worst_case_cost
+from billing.core.errors import BillingError
+from billing.core.ids import keyed_hash, new_id
+from billing.core.money import Nanos
+from billing.enforcement.hotpath import HoldRequest, HotPath, Verdict
+from billing.ledger import holds
+from billing.metering import rollups
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Invariants, each held here and by the database:
 - A Stripe payment is credited exactly once, whatever the order and repetition of the events
   that announce it (``payment_intent.succeeded``, the checkout events, reconciliation, the
   auto-recharge run): every path locks the payment's row and credits through
-  :func:`billing.ledger.post` with the idempotency key ``stripe-payment:<payment id>``, which
+  :func:`billing.ledger.ledger.post` with the idempotency key ``stripe-payment:<payment id>``, which
   a unique index holds; the payment records its one credit (``credit_entry_id``, unique), and a
   PaymentIntent or Checkout Session id belongs to one payment (unique).
 - A Stripe event is applied at most once: its id is stored (primary key) in the transaction
@@ -13,7 +13,7 @@ Invariants, each held here and by the database:
 - A refund debits exactly the change in the charge's cumulative ``amount_refunded`` (one entry
   per cumulative amount, keyed by it), so partial, full, repeated and reordered refund events
   debit the refunded total once. A dispute debits its amount once and, if won, re-credits it once.
-- Money crosses to Stripe in cents and back exactly (``billing.stripe_api``).
+- Money crosses to Stripe in cents and back exactly (``billing.payments.stripe_api``).
 - Auto-recharge charges a saved card off-session only when the account's available balance is
   below its threshold, never while another of its charges is pending (a unique partial index),
   never within the back-off after a decline, and never past the daily cap. Each charge carries
@@ -45,15 +45,17 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing import ledger, stripe_api, webhooks
-from billing.accounts import Account, get_account
-from billing.db import Base
-from billing.errors import Conflict, InvalidRequest, NotFound
-from billing.ledger import EntryKind, Posting
-from billing.money import Nanos, format_usd
-from billing.settings import Settings
-from billing.stripe_api import cents_to_nanos, nanos_to_cents
-from billing.tokens import new_id
+from billing.accounts.accounts import Account, get_account
+from billing.core.db import Base
+from billing.core.errors import Conflict, InvalidRequest, NotFound
+from billing.core.ids import new_id
+from billing.core.money import Nanos, format_usd
+from billing.core.settings import Settings
+from billing.ledger import ledger
+from billing.ledger.ledger import EntryKind, Posting
+from billing.notify import webhooks
+from billing.payments import stripe_api
+from billing.payments.stripe_api import cents_to_nanos, nanos_to_cents
 
 log = logging.getLogger(__name__)
 

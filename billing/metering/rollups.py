@@ -17,12 +17,12 @@ from sqlalchemy import BigInteger, Date, ForeignKey, String, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.db import Base
-from billing.errors import InvalidRequest
-from billing.money import Nanos
+from billing.core.db import Base
+from billing.core.errors import InvalidRequest
+from billing.core.money import Nanos
 
 if TYPE_CHECKING:
-    from billing.pricing import Cost
+    from billing.catalog.pricing import Cost
 
 COUNTERS = (
     "requests",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
-    from billing.keys import ApiKey
+    from billing.accounts.keys import ApiKey
 
 CHANGED_KEYS = "changed_keys"
 USAGE_PENDING = "usage_pending"
@@ -25,7 +25,7 @@ SETTLED_REQUESTS = "settled_requests"
 @dataclass
 class AccountSnapshot:
     """An account's balance as of a version, with its capped keys' spend this month, for the
-    hot path's copy (``billing.hotpath``)."""
+    hot path's copy (``billing.enforcement.hotpath``)."""
 
     version: int
     balance_nanos: int

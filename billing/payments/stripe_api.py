@@ -20,9 +20,9 @@ from typing import Any, cast
 
 import stripe
 
-from billing.errors import BillingError, InvalidRequest
-from billing.money import Nanos
-from billing.settings import Settings
+from billing.core.errors import BillingError, InvalidRequest
+from billing.core.money import Nanos
+from billing.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from billing.errors import InvalidRequest
+from billing.core.errors import InvalidRequest
 
 MAX_TOKENS: Final = 100_000_000
 """The most tokens any one count of one event may report; more is taken as a broken report."""

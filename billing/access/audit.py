@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.db import Base, BigIntId, newest_first
+from billing.core.db import Base, BigIntId, newest_first
 
 # Request fields never copied into the log, whatever endpoint they come to.
 SECRET_FIELDS = frozenset({"key", "token", "secret", "api_key", "password"})

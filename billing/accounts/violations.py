@@ -9,8 +9,8 @@ Invariants:
   taken under a lock on the key row, so concurrent reports cannot all miss the threshold.
 - Clearing a suspension marks the key's violations cleared (they stay listed) and only uncleared
   ones count, so a cleared key is not suspended again by the reports that suspended it.
-- The key's state is re-derived (``billing.keys``) in the same transaction as the fact, so the
-  change is recorded, mirrored and announced like any other.
+- The key's state is re-derived (``billing.accounts.keys``) in the same transaction as the
+  fact, so the change is recorded, mirrored and announced like any other.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing import keys
-from billing.accounts import get_account
-from billing.db import Base, BigIntId, newest_first
-from billing.errors import BillingError, InvalidRequest
-from billing.keys import ApiKey
-from billing.tokens import keyed_hash
+from billing.accounts import keys
+from billing.accounts.accounts import get_account
+from billing.accounts.keys import ApiKey
+from billing.core.db import Base, BigIntId, newest_first
+from billing.core.errors import BillingError, InvalidRequest
+from billing.core.ids import keyed_hash
 
 MAX_DETAIL = 2000
 

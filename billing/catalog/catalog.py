@@ -30,11 +30,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.db import Base, BigIntId
-from billing.effects import mark_prices_changed
-from billing.errors import Conflict, InvalidRequest, NotFound
-from billing.money import MoneyFormatError, parse_usd
-from billing.pricing import Price
+from billing.catalog.pricing import Price
+from billing.core.db import Base, BigIntId
+from billing.core.effects import mark_prices_changed
+from billing.core.errors import Conflict, InvalidRequest, NotFound
+from billing.core.money import MoneyFormatError, parse_usd
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # A dated snapshot: the base name, an optional "-preview", then a date such as 260215,
@@ -81,7 +81,7 @@ class PriceVersion(Base):
 
     @property
     def price(self) -> Price:
-        """The prices of this version, for ``billing.pricing``."""
+        """The prices of this version, for ``billing.catalog.pricing``."""
         return Price(
             input_nanos_per_m=self.input_nanos_per_m,
             output_nanos_per_m=self.output_nanos_per_m,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from billing.money import FEMTOS_PER_NANO, Nanos, format_femto_usd, format_usd, round_femto
-from billing.usage import TokenCounts
+from billing.catalog.usage import TokenCounts
+from billing.core.money import FEMTOS_PER_NANO, Nanos, format_femto_usd, format_usd, round_femto
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Prices in nano-dollars per million tokens (see billing.money)."""
+    """Prices in nano-dollars per million tokens (see billing.core.money)."""
 
     input_nanos_per_m: int
     output_nanos_per_m: int

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from billing.money import Nanos, parse_usd
+from billing.core.money import Nanos, parse_usd
 
 
 class Settings(BaseSettings):
@@ -40,11 +40,12 @@ class Settings(BaseSettings):
         "1 per 10 seconds", description="Rate limit of new keys (`limits` syntax)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
-    # Webhooks (billing.webhooks)
+    # Webhooks (billing.notify.webhooks)
     webhook_retry_schedule: str | None = Field(
         None,
         description="Seconds to wait before each retry of a failed webhook, comma-separated;"
-        " after the last, the delivery has failed. Default: billing.webhooks.RETRY_SCHEDULE.",
+        " after the last, the delivery has failed."
+        " Default: billing.notify.webhooks.RETRY_SCHEDULE.",
     )
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, description="Timeout of one webhook request (connect, and each read)."
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
         "1.00", description="account.balance_low is sent when a balance falls to this or below."
     )
 
-    # Authorize and holds (billing.authorize)
+    # Authorize and holds (billing.enforcement.authorize)
     hold_ttl_seconds: int = Field(
         600, ge=1, description="Seconds after which a hold no usage settled is released."
     )
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
         " PostgreSQL with row locks, or refuse with 503.",
     )
 
-    # Violations (billing.violations)
+    # Violations (billing.accounts.violations)
     violation_threshold: int = Field(
         3, ge=1, description="Content violations within the window that suspend a key (451)."
     )
@@ -138,7 +139,7 @@ class Settings(BaseSettings):
             path.chmod(0o600)
         return path.read_text().strip().encode()
 
-    # Stripe and top-ups (billing.payments)
+    # Stripe and top-ups (billing.payments.payments)
     stripe_api_base: str = Field(
         "https://api.stripe.com", description="Stripe API base URL (localstripe in tests and demo)."
     )

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from sqlalchemy import CheckConstraint, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.db import Base
-from billing.errors import BillingError, InvalidRequest, NotFound
-from billing.tokens import keyed_hash, mask, new_id, new_secret
+from billing.core.db import Base
+from billing.core.errors import BillingError, InvalidRequest, NotFound
+from billing.core.ids import keyed_hash, mask, new_id, new_secret
 
 
 class Role(enum.StrEnum):

@@ -11,8 +11,9 @@ Invariants:
 - Balances move through the ledger only: one usage entry per account per batch, for the exact
   sum of the stored, rounded event costs. Accounts are charged in id order, so concurrent
   batches lock rows in the same order and cannot deadlock.
-- Settling an event releases the hold its request placed at authorize time (``billing.holds``,
-  ``billing.hotpath``); the event is charged its full cost whatever the hold was.
+- Settling an event releases the hold its request placed at authorize time
+  (``billing.ledger.holds``, ``billing.enforcement.hotpath``); the event is charged its full
+  cost whatever the hold was.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ from typing import Any, NamedTuple
 from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
-from billing import catalog, holds, keys, ledger, rollups
-from billing.catalog import PriceVersion
-from billing.db import json_document
-from billing.effects import mark_requests_settled
-from billing.money import Nanos
-from billing.pricing import Cost, Price, price_usage
-from billing.usage import TokenCounts, normalise_usage
-from billing.usage_events import EVENTS, EventStatus, UsageEvent
+from billing.accounts import keys
+from billing.catalog import catalog
+from billing.catalog.catalog import PriceVersion
+from billing.catalog.pricing import Cost, Price, price_usage
+from billing.catalog.usage import TokenCounts, normalise_usage
+from billing.core.db import json_document
+from billing.core.effects import mark_requests_settled
+from billing.core.money import Nanos
+from billing.ledger import holds, ledger
+from billing.metering import rollups
+from billing.metering.usage_events import EVENTS, EventStatus, UsageEvent
 
 BATCH_SIZE = 2000
 

@@ -45,11 +45,11 @@ from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship, sessionmaker
 from standardwebhooks import Webhook
 
-from billing.db import Base, BigIntId, newest_first, transaction, utcnow
-from billing.effects import mark_webhooks_pending
-from billing.errors import Conflict, InvalidRequest, NotFound
-from billing.money import Nanos, format_usd
-from billing.tokens import new_id, random_base62
+from billing.core.db import Base, BigIntId, newest_first, transaction, utcnow
+from billing.core.effects import mark_webhooks_pending
+from billing.core.errors import Conflict, InvalidRequest, NotFound
+from billing.core.ids import new_id, random_base62
+from billing.core.money import Nanos, format_usd
 
 log = logging.getLogger(__name__)
 

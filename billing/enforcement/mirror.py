@@ -18,7 +18,7 @@ from limits.storage import RedisStorage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing.keys import CHANGE_COMMIT_LAG, ENFORCEMENT, ApiKey, KeyState, KeyStateChange
+from billing.accounts.keys import CHANGE_COMMIT_LAG, ENFORCEMENT, ApiKey, KeyState, KeyStateChange
 
 CURSOR = "billing:mirror:cursor"
 KEY_PREFIX = "billing:key:"
@@ -63,7 +63,7 @@ def _write(pipe: redis.client.Pipeline, keys: Iterable[ApiKey]) -> None:
                 "http_status": ENFORCEMENT[state].http_status,
                 "account_id": key.account_id,
                 "key_hash": key.key_hash,
-                # What authorize enforces besides the state (billing.hotpath).
+                # What authorize enforces besides the state (billing.enforcement.hotpath).
                 "expires_ms": "" if expires is None else int(expires.timestamp() * 1000),
                 "cap": "" if cap is None else min(cap, EXACT_LIMIT),
                 "models": ALL_MODELS

@@ -2,7 +2,8 @@
 
 Placed at authorize time, released when the request's usage is settled (same request id) or
 when they expire. This module keeps the holds placed through PostgreSQL (the embedded default,
-and the fallback when Redis is down); ``billing.hotpath`` keeps those placed through Redis.
+and the fallback when Redis is down); ``billing.enforcement.hotpath`` keeps those placed
+through Redis.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import BigInteger, ColumnElement, ForeignKey, Index, String, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.accounts import Account
-from billing.db import Base
-from billing.keys import ApiKey
-from billing.money import Nanos
+from billing.accounts.accounts import Account
+from billing.accounts.keys import ApiKey
+from billing.core.db import Base
+from billing.core.money import Nanos
 
 
 class Hold(Base):

@@ -1,6 +1,6 @@
 """Accounts: who pays. The prepaid balance belongs to the account, not to its keys.
 
-``balance_nanos`` is written only by ``billing.ledger``, in the same transaction as the entry
+``balance_nanos`` is written only by ``billing.ledger.ledger``, in the same transaction as the entry
 that explains it.
 """
 
@@ -11,10 +11,10 @@ import datetime as dt
 from sqlalchemy import BigInteger, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing.db import Base
-from billing.errors import NotFound
-from billing.money import Nanos
-from billing.tokens import new_id
+from billing.core.db import Base
+from billing.core.errors import NotFound
+from billing.core.ids import new_id
+from billing.core.money import Nanos
 
 
 class Account(Base):
@@ -26,8 +26,8 @@ class Account(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str | None] = mapped_column(String(320))
     balance_nanos: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Open holds placed through PostgreSQL (``billing.holds``); holds placed through Redis are
-    # counted there. Written only by ``billing.holds``.
+    # Open holds placed through PostgreSQL (``billing.ledger.holds``); holds placed through
+    # Redis are counted there. Written only by ``billing.ledger.holds``.
     held_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Moves with every change of ``balance_nanos``, so that copies of the balance (the Redis
     # hot path) can tell a newer value from an older one.

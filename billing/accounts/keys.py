@@ -7,7 +7,7 @@ Invariants:
   available balance) by :func:`derive_state`, first matching row of the state table winning;
   every change of it is recorded in ``key_state_changes`` with its reason, in the same
   transaction as the fact that caused it, and queued for the webhook endpoints
-  (``billing.webhooks``) in that transaction too.
+  (``billing.notify.webhooks``) in that transaction too.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from limits import parse as parse_rate_limit
 from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from billing import catalog, rollups, webhooks
-from billing.accounts import Account, get_account
-from billing.db import Base, BigIntId
-from billing.effects import mark_account, mark_keys_changed
-from billing.errors import InvalidRequest, NotFound
-from billing.tokens import keyed_hash, mask, new_id, new_secret
+from billing.accounts.accounts import Account, get_account
+from billing.catalog import catalog
+from billing.core.db import Base, BigIntId
+from billing.core.effects import mark_account, mark_keys_changed
+from billing.core.errors import InvalidRequest, NotFound
+from billing.core.ids import keyed_hash, mask, new_id, new_secret
+from billing.metering import rollups
+from billing.notify import webhooks
 
 KEY_PREFIX = "sk-"
 
@@ -106,7 +108,8 @@ class ApiKey(Base):
     state: Mapped[str] = mapped_column(String(32))
     rate_limit: Mapped[str | None] = mapped_column(String(100))
     monthly_cap_nanos: Mapped[int | None] = mapped_column(BigInteger)
-    # Open holds of this key placed through PostgreSQL (``billing.holds``), for its monthly cap.
+    # Open holds of this key placed through PostgreSQL (``billing.ledger.holds``), for its
+    # monthly cap.
     held_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
     expires_at: Mapped[dt.datetime | None]
@@ -174,7 +177,8 @@ def derive_state(
 
     ``month_spend`` is the key's settled spend in the current UTC month, in nano-dollars. The
     state follows settled money only: a hold that does not fit is refused at authorize time
-    (``billing.authorize``) without changing the key's state, as holds come and go by the second.
+    (``billing.enforcement.authorize``) without changing the key's state, as holds come and go
+    by the second.
     """
     if key.revoked_at is not None:
         return KeyState.REVOKED
