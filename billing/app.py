@@ -10,18 +10,23 @@ from typing import Any
 import orjson
 import redis
 from celery import Celery, Task
-from flask import Flask, Response, current_app, g
+from flask import Flask, Response, g
 from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import Info, OpenAPI
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from billing.api import SECURITY_SCHEMES, register
+from billing.api.errors import commit_failed
+from billing.api.hot import AuthorizeFastPath
+from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
 from billing.notify import webhooks
-from billing.runtime import Runtime
+from billing.runtime import Runtime, current_runtime
+from billing.web import init_app as init_web
 
-__all__ = ["Runtime", "create_app", "current_runtime"]
+__all__ = ["create_app"]
 
 
 # Twenty digits in a row may be an integer beyond 64 bits, which orjson turns into a float.
@@ -61,23 +66,12 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def current_runtime() -> Runtime:
-    """The Runtime of the app in context (a request, a CLI command or a Celery task)."""
-    runtime: Runtime = current_app.extensions["billing"]
-    return runtime
-
-
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app (and its Celery app) from ``settings`` (default: the environment)."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    from billing.api import SECURITY_SCHEMES, register
-    from billing.api.hot import AuthorizeFastPath
-    from billing.api.schemas import ErrorOut
-    from billing.web import init_app as init_web
-
     app = OpenAPI(
         __name__,
         info=Info(
@@ -120,8 +114,6 @@ def _commit_on_success(response: Response) -> Response:
                 session.commit()
                 current_runtime().after_commit(session)
         except SQLAlchemyError as exc:
-            from billing.api.errors import commit_failed  # the API package imports this module
-
             return commit_failed(exc)
         finally:
             session.close()

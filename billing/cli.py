@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.access.auth import Role, ServiceToken, create_token
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.catalog import catalog
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
@@ -23,6 +23,7 @@ from billing.core.migrate import upgrade
 from billing.enforcement import mirror
 from billing.ledger import ledger
 from billing.metering import settlement
+from billing.runtime import Runtime
 
 T = TypeVar("T")
 

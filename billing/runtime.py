@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any
 
 import redis
+from flask import current_app
 from limits.storage import MemoryStorage, RedisStorage
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -210,3 +211,9 @@ class Runtime:
             schedule=webhooks.RETRY_SCHEDULE if schedule is None else schedule,
             timeout=settings.webhook_timeout_seconds,
         )
+
+
+def current_runtime() -> Runtime:
+    """The Runtime of the app in context (a request, a CLI command or a Celery task)."""
+    runtime: Runtime = current_app.extensions["billing"]
+    return runtime

@@ -24,11 +24,12 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.catalog import catalog
 from billing.core.db import transaction, utcnow
 from billing.core.migrate import upgrade
 from billing.core.settings import Settings
+from billing.runtime import Runtime
 from tests.support import client_with
 
 TEST_DATABASE_URL = os.environ.get(

@@ -10,12 +10,13 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, create_engine, select, text
 
 from billing.accounts import accounts
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.catalog.catalog import PriceVersion
 from billing.cli import main
 from billing.core.db import transaction, utcnow
 from billing.core.money import parse_usd
 from billing.ledger import ledger
+from billing.runtime import Runtime
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, TEST_DATABASE_URL, make_settings
 
 

@@ -8,10 +8,10 @@ from celery import Celery
 from sqlalchemy import Engine, text
 
 from billing.accounts import accounts
-from billing.app import Runtime
 from billing.core.db import transaction, utcnow
 from billing.core.money import parse_usd
 from billing.ledger import ledger
+from billing.runtime import Runtime
 
 
 def test_reconcile_task_finds_drift_in_a_real_worker(

@@ -9,11 +9,11 @@ from celery import shared_task
 from celery.signals import worker_ready
 
 from billing.accounts import keys
-from billing.app import current_runtime
 from billing.core.db import utcnow
 from billing.ledger import ledger
 from billing.metering import settlement
 from billing.payments import payments
+from billing.runtime import current_runtime
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from billing.access.auth import Role, authenticate
 from billing.accounts import accounts, keys, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, held, now, session, settings
-from billing.app import current_runtime
 from billing.catalog import catalog
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd, parse_usd
@@ -25,6 +24,7 @@ from billing.ledger import ledger
 from billing.metering import rollups, settlement, usage_events
 from billing.notify import webhooks
 from billing.payments import payments
+from billing.runtime import current_runtime
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
 ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from flask import g, request
 from sqlalchemy.orm import Session
 
-from billing.app import current_runtime
 from billing.core.db import utcnow
+from billing.runtime import current_runtime
 
 if TYPE_CHECKING:
     from billing.accounts.accounts import Account

@@ -17,12 +17,12 @@ from billing.accounts import keys, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.api.errors import json_body
-from billing.app import current_runtime
 from billing.catalog.usage import MAX_TOKENS
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd
 from billing.enforcement.authorize import Authorization, AuthorizeRequest
 from billing.metering import usage_events
+from billing.runtime import current_runtime
 
 gateway = APIBlueprint(
     "gateway",

@@ -17,13 +17,13 @@ from werkzeug.exceptions import HTTPException
 from billing.accounts import keys
 from billing.accounts.accounts import Account, get_account
 from billing.api.context import now, session, settings
-from billing.app import current_runtime
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, parse_usd
 from billing.ledger import ledger
 from billing.metering import spend
 from billing.payments import payments
 from billing.payments.stripe_api import StripeNotConfigured
+from billing.runtime import current_runtime
 from billing.web import access
 from billing.web.chart import legend_colour, usage_chart, usd
 

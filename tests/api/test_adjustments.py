@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 
 from billing.access.audit import AuditEntry
 from billing.access.auth import Role, create_token
-from billing.app import Runtime
 from billing.core.db import utcnow
 from billing.core.money import MAX_AMOUNT_NANOS, format_usd
 from billing.ledger import ledger
+from billing.runtime import Runtime
 from tests.support import assert_error
 
 NANOS_PER_USD = Decimal(10) ** 9

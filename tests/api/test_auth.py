@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from billing.access.audit import AuditEntry
 from billing.access.auth import Role, create_token
-from billing.app import Runtime
 from billing.core.db import utcnow
+from billing.runtime import Runtime
 from tests.support import ERROR_KEYS, assert_error
 
 

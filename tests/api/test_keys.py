@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from billing.accounts import keys
 from billing.accounts.keys import ApiKey, KeyStateChange
-from billing.app import Runtime
+from billing.runtime import Runtime
 from tests.support import assert_error, new_key
 
 KEY_FORMAT = re.compile(r"sk-[0-9A-Za-z]{40,}")

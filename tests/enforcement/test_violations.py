@@ -12,10 +12,10 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
 from billing.accounts import violations
-from billing.app import Runtime
 from billing.core.db import utcnow
 from billing.core.settings import Settings
 from billing.enforcement import mirror
+from billing.runtime import Runtime
 from tests.conftest import TEST_REDIS_URL
 from tests.enforcement.support import new_account, rid, state_changes
 from tests.support import assert_error, key_state, new_key

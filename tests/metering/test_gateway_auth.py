@@ -13,9 +13,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from billing.access.auth import Role, create_token
-from billing.app import Runtime
 from billing.core.db import utcnow
 from billing.metering.usage_events import UsageEvent
+from billing.runtime import Runtime
 from tests.support import ERROR_KEYS, assert_error
 
 

@@ -21,7 +21,6 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from billing.accounts.keys import KeyStateChange
-from billing.app import Runtime
 from billing.catalog import catalog
 from billing.catalog.catalog import PriceVersion
 from billing.core.db import utcnow
@@ -29,6 +28,7 @@ from billing.ledger import ledger
 from billing.ledger.ledger import LedgerEntry
 from billing.metering import settlement, usage_events
 from billing.metering.usage_events import UsageEvent
+from billing.runtime import Runtime
 from tests.support import key_state, new_key
 
 USAGE = "/gateway/v1/usage"

@@ -17,10 +17,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.core.db import utcnow
 from billing.core.money import parse_usd
 from billing.payments import payments
+from billing.runtime import Runtime
 from tests.conftest import make_settings
 from tests.localstripe import PUBLISHABLE_KEY, SECRET_KEY, localstripe_url
 

@@ -26,11 +26,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.core.db import utcnow
 from billing.ledger.ledger import LedgerEntry
 from billing.notify.webhooks import WebhookEvent
 from billing.payments import payments
+from billing.runtime import Runtime
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.localstripe import SECRET_KEY
 from tests.payments.conftest import WEBHOOK_SECRET, Deliver, balance, event, pay_on_localstripe

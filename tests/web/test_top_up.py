@@ -19,11 +19,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from playwright.sync_api import Page, expect
 
-from billing.app import Runtime
+from billing.runtime import Runtime
 from tests.localstripe import SECRET_KEY
 from tests.web.conftest import ARTIFACTS, STRIPE_WEBHOOK_SECRET
 from tests.web.support import customer, sign_in
-from tests.webhooks.conftest import key_changes, register, start_receiver
+from tests.notify.conftest import key_changes, register, start_receiver
 
 CARD = "4242424242424242"
 CARD_WITH_3DS = "4000002500003155"

@@ -20,7 +20,7 @@ from billing.app import create_app
 from billing.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, start_worker
 from tests.support import client_with
-from tests.webhooks.conftest import (
+from tests.notify.conftest import (
     Received,
     Receiver,
     key_changes,

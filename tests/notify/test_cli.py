@@ -7,12 +7,13 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from billing.accounts import accounts, keys
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.cli import main
 from billing.core.db import utcnow
 from billing.core.settings import Settings
 from billing.notify import webhooks
-from tests.webhooks.conftest import Receiver
+from billing.runtime import Runtime
+from tests.notify.conftest import Receiver
 
 
 def run(*args: str, env: dict[str, str]) -> Result:

@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from billing.accounts import accounts, keys
 from billing.api.schemas import decode_cursor
-from billing.app import Runtime
 from billing.core.db import utcnow
 from billing.core.money import parse_usd
 from billing.ledger import ledger
+from billing.runtime import Runtime
 from tests.conftest import ADMIN_TOKEN
 from tests.support import assert_error
 

@@ -17,13 +17,14 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from billing.accounts import accounts, keys
-from billing.app import Runtime, create_app
+from billing.app import create_app
 from billing.core.db import utcnow
 from billing.core.money import parse_usd
 from billing.ledger import ledger
 from billing.notify import webhooks
+from billing.runtime import Runtime
 from tests.conftest import make_settings
-from tests.webhooks.conftest import (
+from tests.notify.conftest import (
     Receiver,
     adjust,
     body_json,
