@@ -111,7 +111,8 @@ class Runtime:
         changed = marks.changed_keys
         if changed and self.redis is not None:
             try:
-                mirror.publish(self.redis, changed)
+                with self.sessions() as reader:
+                    mirror.publish(reader, self.redis, changed)
             except redis.RedisError:
                 log.warning(
                     "Redis unavailable: %d key states wait for the next mirror sync", len(changed)

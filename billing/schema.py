@@ -1,11 +1,11 @@
 """Every table, imported in one place for migrations and schema checks."""
 
 from billing.access import audit, auth
-from billing.accounts import accounts, keys, violations
+from billing.accounts import accounts, keys, rollups, violations
 from billing.catalog import catalog
 from billing.core.db import Base
 from billing.ledger import holds, ledger
-from billing.metering import rollups, usage_events
+from billing.metering import usage_events
 from billing.notify import webhooks
 from billing.payments import payments
 

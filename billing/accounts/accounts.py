@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import BigInteger, String, select
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing.core.db import Base
@@ -34,9 +35,13 @@ class Account(Base):
     balance_version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[dt.datetime]
 
-    @property
+    @hybrid_property
     def available_nanos(self) -> Nanos:
-        """What can still be spent: balance minus the open holds PostgreSQL knows of."""
+        """What can still be spent: the balance minus the open holds PostgreSQL knows of.
+
+        The one definition of available balance, in Python and in SQL alike; holds placed
+        through Redis are subtracted where they count (``Runtime.funds``, the Redis script).
+        """
         return self.balance_nanos - self.held_nanos
 
 

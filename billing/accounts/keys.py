@@ -21,13 +21,13 @@ from limits import parse as parse_rate_limit
 from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from billing.accounts import rollups
 from billing.accounts.accounts import Account, get_account
 from billing.catalog import catalog
 from billing.core.db import Base, BigIntId
 from billing.core.effects import mark_account, mark_keys_changed
 from billing.core.errors import InvalidRequest, NotFound
 from billing.core.ids import keyed_hash, mask, new_id, new_secret
-from billing.metering import rollups
 from billing.notify import webhooks
 
 KEY_PREFIX = "sk-"
@@ -250,15 +250,8 @@ def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.da
         now=now,
     )
     key.state = new
-    mark_keys_changed(session, [key])
+    mark_keys_changed(session, [key.id])
     return True
-
-
-def refresh_account_keys(
-    session: Session, account: Account, *, reason: str, now: dt.datetime
-) -> list[ApiKey]:
-    """Re-derive the state of every key of ``account``; returns the keys that changed."""
-    return refresh_keys_of(session, [account.id], reason=reason, now=now)
 
 
 def refresh_keys_of(
@@ -433,7 +426,7 @@ def update_key(
         session, key, get_account(session, key.account_id), reason="updated by an operator", now=now
     )
     # Limits the hot path enforces may have changed with the state unchanged.
-    mark_keys_changed(session, [key])
+    mark_keys_changed(session, [key.id])
     return key
 
 
@@ -463,7 +456,7 @@ def rotate_key(
     key.key_hash = keyed_hash(hmac_key, secret)
     key.display_prefix, key.last4 = mask(secret)
     session.flush()
-    mark_keys_changed(session, [key])
+    mark_keys_changed(session, [key.id])
     return key, secret
 
 

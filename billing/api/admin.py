@@ -14,14 +14,14 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from billing.access import audit, auth
 from billing.access.auth import Role, authenticate
-from billing.accounts import accounts, keys, violations
+from billing.accounts import accounts, keys, rollups, violations
 from billing.api import render, schemas
 from billing.api.context import bearer_token, held, now, session, settings
 from billing.catalog import catalog
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd, parse_usd
 from billing.ledger import ledger
-from billing.metering import rollups, settlement, usage_events
+from billing.metering import settlement, usage_events
 from billing.notify import webhooks
 from billing.payments import payments
 from billing.runtime import current_runtime

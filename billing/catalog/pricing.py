@@ -85,11 +85,6 @@ class Cost:
         total = round_femto(input_femtos + cached_femtos + output_femtos + reasoning_femtos)
         return cls(input_femtos, cached_femtos, output_femtos, reasoning_femtos, total)
 
-    @property
-    def exact_femtos(self) -> int:
-        """The unrounded cost: the sum of the four parts, in femto-dollars."""
-        return self.input_femtos + self.cached_femtos + self.output_femtos + self.reasoning_femtos
-
     def parts(self) -> dict[str, int]:
         """The exact parts in femto-dollars (1e-15 USD) and the total in nano-dollars."""
         return {
@@ -99,10 +94,6 @@ class Cost:
             "reasoning_femtos": self.reasoning_femtos,
             "total_nanos": self.total_nanos,
         }
-
-    def breakdown(self) -> dict[str, str]:
-        """The parts as exact USD strings and the charged total as a nine-place USD string."""
-        return breakdown_usd(self.parts())
 
 
 def breakdown_usd(parts: dict[str, int]) -> dict[str, str]:

@@ -1,18 +1,17 @@
 """Marks a transaction leaves for what must happen after it commits (never before).
 
 Domain code records here what it did; ``Runtime.after_commit`` acts on it once the commit has
-succeeded, so a rolled-back transaction has no effect outside the database.
+succeeded, so a rolled-back transaction has no effect outside the database. Marks carry ids and
+plain values, never ORM rows: what acts on them reads the committed rows itself, and this module
+depends on no domain package.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
-
-if TYPE_CHECKING:
-    from billing.accounts.keys import ApiKey
 
 CHANGED_KEYS = "changed_keys"
 USAGE_PENDING = "usage_pending"
@@ -37,7 +36,8 @@ class AccountSnapshot:
 class Marks:
     """What a committed transaction left to do."""
 
-    changed_keys: list[ApiKey]
+    changed_keys: list[str]
+    """Ids of the keys whose state changed."""
     usage_pending: bool
     prices_changed: bool
     webhooks_pending: bool
@@ -45,9 +45,9 @@ class Marks:
     settled_requests: list[str]
 
 
-def mark_keys_changed(session: Session, keys: list[ApiKey]) -> None:
-    """These keys changed state: mirror them after commit."""
-    session.info.setdefault(CHANGED_KEYS, []).extend(keys)
+def mark_keys_changed(session: Session, key_ids: Iterable[str]) -> None:
+    """The keys with these ids changed state: mirror them after commit."""
+    session.info.setdefault(CHANGED_KEYS, []).extend(key_ids)
 
 
 def mark_usage_pending(session: Session) -> None:

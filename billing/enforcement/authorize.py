@@ -29,6 +29,7 @@ from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing.accounts import rollups
 from billing.accounts.accounts import Account
 from billing.accounts.keys import ENFORCEMENT, ApiKey, KeyState
 from billing.catalog import catalog
@@ -38,7 +39,6 @@ from billing.core.ids import keyed_hash, new_id
 from billing.core.money import Nanos
 from billing.enforcement.hotpath import HoldRequest, HotPath, Verdict
 from billing.ledger import holds
-from billing.metering import rollups
 
 log = logging.getLogger(__name__)
 

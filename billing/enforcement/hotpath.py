@@ -43,12 +43,12 @@ from redis.commands.core import Script
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from billing.accounts import rollups
 from billing.accounts.accounts import Account
 from billing.accounts.keys import CHANGE_COMMIT_LAG, ApiKey
 from billing.core.effects import AccountSnapshot
 from billing.enforcement import mirror
 from billing.ledger.ledger import LedgerEntry
-from billing.metering import rollups
 
 ACCOUNT_PREFIX = "billing:acct:"
 HOLDS = "billing:holds"
@@ -316,7 +316,7 @@ class HotPath:
         if key is None:
             self.client.set(mirror.hash_name(key_hash), UNKNOWN, ex=UNKNOWN_KEY_TTL)
             return False
-        mirror.publish(self.client, [key])
+        mirror.write(self.client, [key])
         self.publish({key.account_id: snapshot(session, key.account_id, now=now)}, [])
         return True
 

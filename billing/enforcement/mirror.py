@@ -91,11 +91,16 @@ def rebuild(session: Session, client: redis.Redis) -> int:
     return count
 
 
-def publish(client: redis.Redis, keys: Iterable[ApiKey]) -> None:
-    """Write these keys' states (just committed) to the mirror."""
+def write(client: redis.Redis, keys: Iterable[ApiKey]) -> None:
+    """Write these keys' states, as loaded, to the mirror."""
     pipe = client.pipeline(transaction=False)
     _write(pipe, keys)
     pipe.execute()
+
+
+def publish(session: Session, client: redis.Redis, key_ids: Iterable[str]) -> None:
+    """Write the committed states of the keys with these ids to the mirror."""
+    write(client, session.scalars(select(ApiKey).where(ApiKey.id.in_(set(key_ids)))))
 
 
 def sync(session: Session, client: redis.Redis, *, now: dt.datetime) -> int:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from billing.accounts.accounts import Account
 from billing.accounts.keys import ApiKey
 from billing.core.db import Base
+from billing.core.effects import mark_requests_settled
 from billing.core.money import Nanos
 
 
@@ -71,16 +72,16 @@ def place(
     earlier = session.scalars(select(Hold).where(Hold.request_id == request_id)).first()
     if earlier is not None:
         account = session.get_one(Account, key.account_id)
-        return earlier, account.balance_nanos - account.held_nanos
+        return earlier, account.available_nanos
     available = session.execute(
         update(Account)
         .where(
             Account.id == key.account_id,
             Account.balance_nanos > 0,
-            Account.balance_nanos - Account.held_nanos >= amount_nanos,
+            Account.available_nanos >= amount_nanos,
         )
         .values(held_nanos=Account.held_nanos + amount_nanos)
-        .returning(Account.balance_nanos - Account.held_nanos)
+        .returning(Account.available_nanos)
         .execution_options(synchronize_session=False)
     ).scalar()
     if available is None:
@@ -121,6 +122,18 @@ def release(session: Session, request_ids: Sequence[str], *, reason: str, now: d
     if not request_ids:
         return 0
     return _release(session, Hold.request_id.in_(request_ids), reason=reason, now=now)
+
+
+def release_settled(
+    session: Session, settled: Sequence[tuple[str, str]], *, now: dt.datetime
+) -> None:
+    """Release the holds of these settled requests (request id, account id): those placed
+    through PostgreSQL now, those placed through Redis after the commit (with the balances the
+    settlement produced)."""
+    request_ids = [request_id for request_id, _ in settled]
+    if open_holds(session, {account_id for _, account_id in settled}):
+        release(session, request_ids, reason="settled", now=now)
+    mark_requests_settled(session, request_ids)
 
 
 def expire(session: Session, *, now: dt.datetime) -> int:

@@ -10,6 +10,9 @@ Invariants (DESIGN section 7), each held here and by the database:
   refunds and disputes debit; adjustments go either way; no entry is zero.
 - An idempotency key is used once (a unique index); it is stored with a hash of the request it
   came with, and the same key with a different request is refused.
+- Every balance move, by :func:`post` or :func:`post_usage`, is followed in the same
+  transaction by one step (``_after_move``) that re-derives the account's key states, so a key
+  is never left at a state its balance no longer calls for.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, select, update
@@ -26,10 +29,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing.accounts.accounts import Account, get_account
-from billing.accounts.keys import refresh_account_keys
+from billing.accounts.keys import refresh_keys_of
 from billing.core.db import Base, BigIntId, newest_first
 from billing.core.errors import Conflict, InvalidRequest
 from billing.core.money import MAX_AMOUNT_NANOS, Nanos, format_usd
+from billing.ledger import holds
 from billing.notify import webhooks
 
 
@@ -144,7 +148,7 @@ def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[Ledge
             raise
         return earlier, False
     direction = "credit" if posting.amount_nanos > 0 else "debit"
-    refresh_account_keys(session, account, reason=f"{posting.kind} {direction}", now=now)
+    _after_move(session, [account.id], reason=f"{posting.kind} {direction}", now=now)
     return entry, True
 
 
@@ -153,7 +157,7 @@ def write_usage_entries(
 ) -> dict[str, LedgerEntry]:
     """Write one usage entry per account with a non-zero charge; the balances do not move yet.
 
-    The caller must call :func:`move_balances` with them in the same transaction. Settlement
+    The caller must post them with :func:`post_usage` in the same transaction. Settlement
     writes its entries first (its events refer to them) and moves the balances last, so that
     it holds the account rows' locks, which concurrent batches queue on, for as little as it can.
     """
@@ -175,10 +179,32 @@ def write_usage_entries(
     return entries
 
 
-def move_balances(session: Session, entries: Iterable[LedgerEntry]) -> None:
-    """Move each entry's account balance by its amount, in account order (no deadlocks)."""
+def post_usage(
+    session: Session,
+    entries: Iterable[LedgerEntry],
+    *,
+    settled: Sequence[tuple[str, str]],
+    now: dt.datetime,
+) -> None:
+    """Post the usage entries of :func:`write_usage_entries` and settle their requests.
+
+    Moves each entry's account balance (in account order, so concurrent batches cannot
+    deadlock), releases the holds of the ``settled`` requests (request id, account id) and
+    re-derives the key states of their accounts, charged or not.
+    """
     for entry in sorted(entries, key=lambda entry: entry.account_id):
         _move_balance(session, entry)
+    holds.release_settled(session, settled, now=now)
+    _after_move(session, {account_id for _, account_id in settled}, reason="usage settled", now=now)
+
+
+def _after_move(
+    session: Session, account_ids: Iterable[str], *, reason: str, now: dt.datetime
+) -> None:
+    """What follows every balance move: the accounts' keys re-derive their states from the new
+    balances (402 at zero or below, active again after a credit), and each change is recorded,
+    mirrored and announced."""
+    refresh_keys_of(session, sorted(account_ids), reason=reason, now=now)
 
 
 def _record(session: Session, entry: LedgerEntry) -> None:

@@ -29,16 +29,14 @@ from typing import Any, NamedTuple
 from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
-from billing.accounts import keys
+from billing.accounts import rollups
 from billing.catalog import catalog
 from billing.catalog.catalog import PriceVersion
 from billing.catalog.pricing import Cost, Price, price_usage
 from billing.catalog.usage import TokenCounts, normalise_usage
 from billing.core.db import json_document
-from billing.core.effects import mark_requests_settled
 from billing.core.money import Nanos
-from billing.ledger import holds, ledger
-from billing.metering import rollups
+from billing.ledger import ledger
 from billing.metering.usage_events import EVENTS, EventStatus, UsageEvent
 
 BATCH_SIZE = 2000
@@ -166,19 +164,13 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
     _write_outcomes(session, rows, settled_at=now)
     # Rows other batches also write come last, so their locks are held only until the commit.
     rollups.add(session, ((event, version.model_id, cost) for event, version, cost in priced))
-    ledger.move_balances(session, entries.values())
-    _release_holds(session, [event for event, _, _ in priced], now=now)
-    keys.refresh_keys_of(session, sorted(charges), reason="usage settled", now=now)
+    ledger.post_usage(
+        session,
+        entries.values(),
+        settled=[(event.request_id, event.account_id) for event, _, _ in priced],
+        now=now,
+    )
     return BatchResult(len(events), len(priced), len(parked), len(entries))
-
-
-def _release_holds(session: Session, settled: list[Claimed], *, now: dt.datetime) -> None:
-    """Release the holds of the settled requests: those placed through PostgreSQL now, those
-    placed through Redis after the commit (with the balances the batch produced)."""
-    request_ids = [event.request_id for event in settled]
-    if holds.open_holds(session, {event.account_id for event in settled}):
-        holds.release(session, request_ids, reason="settled", now=now)
-    mark_requests_settled(session, request_ids)
 
 
 OUTCOME_COLUMNS = (

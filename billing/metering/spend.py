@@ -1,6 +1,6 @@
 """What an account has spent, by UTC day and model, and the limit chat clients show against it.
 
-Read from the daily usage rollups (``billing.metering.rollups``), so it counts settled usage
+Read from the daily usage rollups (``billing.accounts.rollups``), so it counts settled usage
 only: an event reported but not yet settled appears here once settlement has priced it.
 
 Chat clients (NextChat, LobeChat, One API front ends) show "used / total" where used is the
@@ -22,9 +22,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from billing.accounts.accounts import Account, get_account
+from billing.accounts.rollups import UsageRollup, month_start
 from billing.core.errors import InvalidRequest
 from billing.core.money import Nanos
-from billing.metering.rollups import UsageRollup, month_start
 from billing.payments import payments
 
 # OpenAI's usage endpoint refused longer ranges; clients ask for at most 100 days.

@@ -13,8 +13,8 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
+from billing.accounts.rollups import month_start
 from billing.catalog import catalog
-from billing.metering.rollups import month_start
 from billing.payments import payments
 from tests.support import assert_error, new_key, report_usage
 

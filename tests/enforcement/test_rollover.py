@@ -11,9 +11,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-from billing.accounts import keys
+from billing.accounts import keys, rollups
 from billing.core.db import utcnow
-from billing.metering import rollups
 from tests.enforcement.support import new_account, state_changes
 from tests.support import key_state, new_key
 from workers import tasks

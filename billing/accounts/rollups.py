@@ -1,8 +1,9 @@
 """Usage rollups: tokens by kind and cost per account, key, model and UTC day.
 
 Maintained by settlement in the transaction that settles the events, so a rollup always equals
-the sum of its settled events. Rows are upserted in key order so concurrent batches cannot
-deadlock on them.
+the sum of its settled events. They live with the accounts because a key's spend this month
+(:func:`month_spend`) is one of the facts its state derives from. Rows are upserted in key order
+so concurrent batches cannot deadlock on them.
 """
 
 from __future__ import annotations
