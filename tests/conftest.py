@@ -20,6 +20,7 @@ import pytest
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +37,11 @@ TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/billing_test"
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+# On a shared 2-core machine one example can take longer than Hypothesis's default 200 ms
+# deadline for reasons that have nothing to do with the code; a failure still prints its seed.
+hypothesis_settings.register_profile("shared-machine", deadline=None)
+hypothesis_settings.load_profile("shared-machine")
 ADMIN_TOKEN = "test-admin-token"
 GATEWAY_TOKEN = "test-gateway-token"
 SECRET_KEY = "test-server-secret"
