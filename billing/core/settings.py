@@ -139,7 +139,7 @@ class Settings(BaseSettings):
             path.chmod(0o600)
         return path.read_text().strip().encode()
 
-    # Stripe and top-ups (billing.payments.payments)
+    # Stripe and top-ups (billing.payments)
     stripe_api_base: str = Field(
         "https://api.stripe.com", description="Stripe API base URL (localstripe in tests and demo)."
     )
