@@ -7,7 +7,7 @@ from billing.core.db import Base
 from billing.ledger import holds, ledger
 from billing.metering import usage_events
 from billing.notify import webhooks
-from billing.payments import payments
+from billing.payments import models as payments
 
 metadata = Base.metadata
 __all__ = [

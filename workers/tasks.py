@@ -12,7 +12,8 @@ from billing.accounts import keys
 from billing.core.db import utcnow
 from billing.ledger import ledger
 from billing.metering import settlement
-from billing.payments import payments
+from billing.payments.auto_recharge import run_auto_recharge
+from billing.payments.reconcile import reconcile
 from billing.runtime import current_runtime
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def reconcile_stripe() -> list[str]:
     """Credit recent succeeded Stripe payments no webhook credited; returns their Stripe ids."""
     runtime = current_runtime()
     with runtime.transaction() as session:
-        return payments.reconcile(session, settings=runtime.settings, now=utcnow())
+        return reconcile(session, settings=runtime.settings, now=utcnow())
 
 
 @shared_task(acks_late=True)
@@ -77,7 +78,7 @@ def auto_recharge() -> int:
     """Charge the saved cards of accounts below their auto-recharge threshold; returns the
     number of charges attempted."""
     runtime = current_runtime()
-    return payments.run_auto_recharge(runtime.transaction, settings=runtime.settings, clock=utcnow)
+    return run_auto_recharge(runtime.transaction, settings=runtime.settings, clock=utcnow)
 
 
 @worker_ready.connect

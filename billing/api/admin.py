@@ -23,7 +23,8 @@ from billing.core.money import format_usd, parse_usd
 from billing.ledger import ledger
 from billing.metering import settlement, usage_events
 from billing.notify import webhooks
-from billing.payments import payments
+from billing.payments import auto_recharge
+from billing.payments.models import AutoRecharge
 from billing.runtime import current_runtime
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
@@ -488,12 +489,12 @@ def replay_webhook_delivery(path: schemas.WebhookDeliveryPath) -> tuple[dict[str
     return render.webhook_delivery(row).model_dump(mode="json"), 201
 
 
-# Auto-recharge (billing.payments.payments)
+# Auto-recharge (billing.payments.auto_recharge)
 
 AUTO_RECHARGE = [Tag(name="Auto-recharge")]
 
 
-def _auto_recharge(row: payments.AutoRecharge) -> dict[str, Any]:
+def _auto_recharge(row: AutoRecharge) -> dict[str, Any]:
     return schemas.AutoRechargeOut(
         account_id=row.account_id,
         enabled=row.enabled,
@@ -515,7 +516,7 @@ def _auto_recharge(row: payments.AutoRecharge) -> dict[str, Any]:
 def set_auto_recharge(path: schemas.AccountPath, body: schemas.AutoRechargeIn) -> dict[str, Any]:
     """Set the account's auto-recharge: when its available balance falls below `threshold_usd`,
     charge `amount_usd` to the saved card `payment_method_id`, at most `daily_cap_usd` a day."""
-    row = payments.configure_auto_recharge(
+    row = auto_recharge.configure_auto_recharge(
         session(),
         account_id=path.account_id,
         enabled=body.enabled,
@@ -536,9 +537,9 @@ def set_auto_recharge(path: schemas.AccountPath, body: schemas.AutoRechargeIn) -
 )
 def get_auto_recharge(path: schemas.AccountPath) -> dict[str, Any]:
     """The account's auto-recharge settings; 404 if none were set."""
-    row = payments.get_auto_recharge(session(), path.account_id)
+    row = auto_recharge.get_auto_recharge(session(), path.account_id)
     if row is None:
-        raise payments.AutoRechargeNotSet(
+        raise auto_recharge.AutoRechargeNotSet(
             f"Account {path.account_id} has no auto-recharge.", param="account_id"
         )
     return _auto_recharge(row)

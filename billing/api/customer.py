@@ -13,6 +13,7 @@ from billing.accounts import keys
 from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.catalog import catalog
+from billing.core.money import NANOS_PER_CENT
 from billing.metering import spend
 
 customer = APIBlueprint(
@@ -61,7 +62,7 @@ def _usd_number(nanos: int) -> float:
 
 def _cents_number(nanos: int) -> float:
     """Nano-dollars as US cents, the nearest JSON number to the exact amount."""
-    return float(Decimal(nanos).scaleb(-7))
+    return float(Decimal(nanos) / NANOS_PER_CENT)
 
 
 @customer.get(

@@ -617,7 +617,7 @@ class BillingUsageOut(BaseModel):
     daily_costs: list[BillingDailyCost]
 
 
-# Stripe and top-ups (billing.payments.payments)
+# Stripe and top-ups (billing.payments)
 
 
 class StripeWebhookOut(BaseModel):

@@ -1,4 +1,5 @@
-"""``POST /stripe/webhook``: Stripe's events, verified and handed to ``billing.payments.payments``.
+"""``POST /stripe/webhook``: Stripe's events, verified and handed to the dispatcher
+(``billing.payments.stripe_events``).
 
 The view reads the raw body, verifies its signature (``billing.payments.stripe_api``) before
 anything else, and gives the event to the dispatcher. A bad signature is a 400 and changes
@@ -15,7 +16,7 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from billing.api import schemas
 from billing.api.context import now, session, settings
-from billing.payments import payments, stripe_api
+from billing.payments import stripe_api, stripe_events
 
 stripe_webhook = APIBlueprint(
     "stripe_webhook",
@@ -32,5 +33,5 @@ def receive_stripe_event() -> dict[str, Any]:
     event = stripe_api.verify_event(
         request.get_data(cache=True), request.headers.get("Stripe-Signature"), config
     )
-    applied = payments.handle_event(session(), event, settings=config, now=now())
+    applied = stripe_events.handle_event(session(), event, settings=config, now=now())
     return {"received": True, "id": event["id"], "duplicate": not applied}

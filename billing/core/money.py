@@ -16,6 +16,7 @@ import re
 from decimal import Decimal
 
 NANOS_PER_USD = 1_000_000_000
+NANOS_PER_CENT = 10_000_000
 FEMTOS_PER_NANO = 1_000_000
 SCALE = 9
 
@@ -49,6 +50,11 @@ def parse_usd(text: str) -> Nanos:
     if exponent < -SCALE:
         raise MoneyFormatError(f"{text!r} has more than {SCALE} decimal places")
     return int(value.scaleb(SCALE))
+
+
+def whole_cents(nanos: Nanos) -> bool:
+    """Whether an amount is a whole number of cents, the smallest amount a card can be charged."""
+    return nanos % NANOS_PER_CENT == 0
 
 
 def format_usd(nanos: Nanos) -> str:

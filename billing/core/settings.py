@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from billing.core.money import Nanos, parse_usd
+from billing.core.money import Nanos, parse_usd, whole_cents
 
 
 class Settings(BaseSettings):
@@ -139,7 +139,7 @@ class Settings(BaseSettings):
             path.chmod(0o600)
         return path.read_text().strip().encode()
 
-    # Stripe and top-ups (billing.payments.payments)
+    # Stripe and top-ups (billing.payments)
     stripe_api_base: str = Field(
         "https://api.stripe.com", description="Stripe API base URL (localstripe in tests and demo)."
     )
@@ -185,7 +185,7 @@ class Settings(BaseSettings):
         for part in value.split(","):
             if parse_usd(part.strip()) <= 0:
                 raise ValueError("amounts must be positive")
-            if parse_usd(part.strip()) % 10_000_000:
+            if not whole_cents(parse_usd(part.strip())):
                 raise ValueError("amounts must be whole cents")
         return value
 

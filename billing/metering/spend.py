@@ -25,7 +25,7 @@ from billing.accounts.accounts import Account, get_account
 from billing.accounts.rollups import UsageRollup, month_start
 from billing.core.errors import InvalidRequest
 from billing.core.money import Nanos
-from billing.payments import payments
+from billing.payments import auto_recharge
 
 # OpenAI's usage endpoint refused longer ranges; clients ask for at most 100 days.
 MAX_RANGE_DAYS = 100
@@ -105,7 +105,7 @@ def subscription(session: Session, account_id: str, *, now: dt.datetime) -> Subs
             UsageRollup.account_id == account_id, UsageRollup.day >= month_start(now)
         )
     )
-    recharge = payments.get_auto_recharge(session, account_id)
+    recharge = auto_recharge.get_auto_recharge(session, account_id)
     return Subscription(
         account=account,
         month_usage_nanos=int(used or 0),

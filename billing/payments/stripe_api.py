@@ -21,12 +21,11 @@ from typing import Any, cast
 import stripe
 
 from billing.core.errors import BillingError, InvalidRequest
-from billing.core.money import Nanos
+from billing.core.money import NANOS_PER_CENT, Nanos, whole_cents
 from billing.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NANOS_PER_CENT = 10_000_000
 CURRENCY = "usd"
 # Stripe's default: a signed event older than this (seconds) is refused as a replay.
 SIGNATURE_TOLERANCE = 300
@@ -61,10 +60,9 @@ def cents_to_nanos(cents: int) -> Nanos:
 
 def nanos_to_cents(nanos: Nanos, *, param: str = "amount_usd") -> int:
     """Nano-dollars as Stripe cents; raises InvalidRequest for a fraction of a cent."""
-    cents, rest = divmod(nanos, NANOS_PER_CENT)
-    if rest:
+    if not whole_cents(nanos):
         raise InvalidRequest(f"{param} must be a whole number of cents.", param=param)
-    return cents
+    return nanos // NANOS_PER_CENT
 
 
 def _client(settings: Settings) -> stripe.StripeClient:

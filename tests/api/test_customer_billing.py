@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from billing.accounts.rollups import month_start
 from billing.catalog import catalog
-from billing.payments import payments
+from billing.payments.models import AutoRecharge
 from tests.support import assert_error, new_key, report_usage
 
 SEED = {
@@ -240,7 +240,7 @@ def test_a_saved_card_is_reported_as_a_payment_method(
     key = funded_key(admin)
     before = client.get(SUBSCRIPTION, headers=bearer(key["key"])).get_json()
     db.add(
-        payments.AutoRecharge(
+        AutoRecharge(
             account_id=key["account_id"],
             enabled=True,
             threshold_nanos=5 * 10**9,

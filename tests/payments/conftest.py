@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from billing.app import create_app
 from billing.core.db import utcnow
 from billing.core.money import parse_usd
-from billing.payments import payments
+from billing.payments.models import Payment
+from billing.payments.top_ups import start_top_up
 from billing.runtime import Runtime
 from tests.conftest import make_settings
 from tests.localstripe import PUBLISHABLE_KEY, SECRET_KEY, localstripe_url
@@ -118,8 +119,8 @@ def account(admin: FlaskClient) -> dict[str, Any]:
 def top_up(db: Session, runtime: Runtime, account: dict[str, Any]) -> Callable[..., Any]:
     """Start a top-up of the account on localstripe; returns its pending payment row."""
 
-    def start(amount_usd: str = "20.00") -> payments.Payment:
-        started = payments.start_top_up(
+    def start(amount_usd: str = "20.00") -> Payment:
+        started = start_top_up(
             db,
             account_id=account["id"],
             amount_nanos=parse_usd(amount_usd),
@@ -127,14 +128,14 @@ def top_up(db: Session, runtime: Runtime, account: dict[str, Any]) -> Callable[.
             now=utcnow(),
         )
         assert started.mode == "payment_intent" and started.client_secret
-        payment = db.get(payments.Payment, started.payment_id)
+        payment = db.get(Payment, started.payment_id)
         assert payment is not None and payment.payment_intent_id
         return payment
 
     return start
 
 
-def succeeded(payment: payments.Payment, **values: Any) -> dict[str, Any]:
+def succeeded(payment: Payment, **values: Any) -> dict[str, Any]:
     """``payment_intent.succeeded`` for a pending payment of ours."""
     fields: dict[str, Any] = {
         "payment_intent_id": payment.payment_intent_id,

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from billing.ledger.ledger import LedgerEntry
 from billing.notify.webhooks import WebhookEvent
-from billing.payments import payments
+from billing.payments.models import Payment, StripeEvent
 from tests.payments.conftest import Deliver, balance, event, sign, succeeded
 from tests.support import assert_error, key_state, new_key
 
@@ -29,7 +29,7 @@ def _entries(db: Session, account_id: str) -> list[tuple[str, int]]:
 
 
 def _processed(db: Session) -> int:
-    return db.scalar(select(func.count()).select_from(payments.StripeEvent)) or 0
+    return db.scalar(select(func.count()).select_from(StripeEvent)) or 0
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_bad_signatures_answer_400_and_change_nothing(
     client: FlaskClient,
     admin: FlaskClient,
     db: Session,
-    top_up: Callable[..., payments.Payment],
+    top_up: Callable[..., Payment],
 ) -> None:
     payment = top_up("20.00")
     payload = json.dumps(succeeded(payment))
@@ -75,7 +75,7 @@ def test_a_signed_body_that_is_not_an_event_is_a_400(deliver: Deliver) -> None:
 
 
 def test_the_same_event_three_times_and_out_of_order_credits_once(
-    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., payments.Payment]
+    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., Payment]
 ) -> None:
     payment = top_up("20.00")
     success = succeeded(payment)
@@ -99,7 +99,7 @@ def test_the_same_event_three_times_and_out_of_order_credits_once(
 
 
 def test_checkout_events_in_any_order_credit_once(
-    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., payments.Payment]
+    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., Payment]
 ) -> None:
     payment = top_up("25.00")
     common = {
@@ -121,7 +121,7 @@ def test_checkout_events_in_any_order_credit_once(
 
 
 def test_partial_then_full_refund_debits_exactly_the_change(
-    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., payments.Payment]
+    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., Payment]
 ) -> None:
     payment = top_up("20.00")
     assert deliver(succeeded(payment)).status_code == 200
@@ -149,7 +149,7 @@ def test_partial_then_full_refund_debits_exactly_the_change(
 
 
 def test_a_refund_before_its_payment_is_credited_is_retried(
-    deliver: Deliver, db: Session, top_up: Callable[..., payments.Payment]
+    deliver: Deliver, db: Session, top_up: Callable[..., Payment]
 ) -> None:
     payment = top_up("20.00")
     early = event(
@@ -171,7 +171,7 @@ def test_a_refund_before_its_payment_is_credited_is_retried(
 
 
 def test_a_dispute_debits_and_a_won_dispute_recredits(
-    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., payments.Payment]
+    deliver: Deliver, admin: FlaskClient, db: Session, top_up: Callable[..., Payment]
 ) -> None:
     payment = top_up("20.00")
     assert deliver(succeeded(payment)).status_code == 200
@@ -196,7 +196,7 @@ def test_a_dispute_debits_and_a_won_dispute_recredits(
 
 
 def test_a_lost_dispute_debits_once(
-    deliver: Deliver, db: Session, top_up: Callable[..., payments.Payment]
+    deliver: Deliver, db: Session, top_up: Callable[..., Payment]
 ) -> None:
     payment = top_up("20.00")
     assert deliver(succeeded(payment)).status_code == 200
@@ -223,7 +223,7 @@ def test_a_credit_lifting_a_402_account_reopens_its_keys_and_tells_the_gateway(
     admin: FlaskClient,
     db: Session,
     account: dict[str, Any],
-    top_up: Callable[..., payments.Payment],
+    top_up: Callable[..., Payment],
 ) -> None:
     hook = admin.post("/admin/v1/webhook-endpoints", json={"url": "https://gw.test/hooks"})
     assert hook.status_code == 201, hook.get_json()

@@ -12,7 +12,7 @@ from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from billing.payments.payments import Payment
+from billing.payments.models import Payment
 from billing.web.chart import usd
 from tests.localstripe import PUBLISHABLE_KEY
 from tests.support import report_usage
