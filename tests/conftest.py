@@ -20,6 +20,7 @@ import pytest
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
@@ -39,8 +40,11 @@ TEST_DATABASE_URL = os.environ.get(
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 # On a shared 2-core machine one example can take longer than Hypothesis's default 200 ms
-# deadline for reasons that have nothing to do with the code; a failure still prints its seed.
-hypothesis_settings.register_profile("shared-machine", deadline=None)
+# deadline, and generating data can trip its too-slow health check, for reasons that have
+# nothing to do with the code; a failure still prints its seed.
+hypothesis_settings.register_profile(
+    "shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 hypothesis_settings.load_profile("shared-machine")
 ADMIN_TOKEN = "test-admin-token"
 GATEWAY_TOKEN = "test-gateway-token"

@@ -14,7 +14,7 @@ from billing.api import render, schemas
 from billing.api.context import bearer_token, now, session, settings
 from billing.catalog import catalog
 from billing.core.money import NANOS_PER_CENT
-from billing.metering import spend
+from billing.payments import spend
 
 customer = APIBlueprint(
     "customer",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from markupsafe import Markup, escape
 
 from billing.core.money import Nanos, format_usd
-from billing.metering.spend import DailyCost
+from billing.payments.spend import DailyCost
 
 # Okabe-Ito: told apart by readers with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")

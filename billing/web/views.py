@@ -20,8 +20,7 @@ from billing.api.context import now, session, settings
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, parse_usd
 from billing.ledger import ledger
-from billing.metering import spend
-from billing.payments import top_ups
+from billing.payments import spend, top_ups
 from billing.payments.stripe_api import StripeNotConfigured
 from billing.runtime import current_runtime
 from billing.web import access

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from billing.metering.spend import DailyCost
+from billing.payments.spend import DailyCost
 from billing.web.chart import axis_top, usage_chart, usd
 
 

@@ -1,5 +1,8 @@
 """What an account has spent, by UTC day and model, and the limit chat clients show against it.
 
+The customer's statement, so it lives with payments: it reads settled usage and whether a card
+is saved for auto-recharge.
+
 Read from the daily usage rollups (``billing.accounts.rollups``), so it counts settled usage
 only: an event reported but not yet settled appears here once settlement has priced it.
 
