@@ -6,7 +6,7 @@ from billing.catalog import catalog
 from billing.core.db import Base
 from billing.ledger import holds, ledger
 from billing.metering import rollups, usage_events
-from billing.notify import webhooks
+from billing.notify import models
 from billing.payments import payments
 
 metadata = Base.metadata
@@ -19,9 +19,9 @@ __all__ = [
     "keys",
     "ledger",
     "metadata",
+    "models",
     "payments",
     "rollups",
     "usage_events",
     "violations",
-    "webhooks",
 ]

@@ -29,7 +29,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from billing.app import create_app
 from billing.core.db import utcnow
 from billing.ledger.ledger import LedgerEntry
-from billing.notify.webhooks import WebhookEvent
+from billing.notify.models import WebhookEvent
 from billing.payments import payments
 from billing.runtime import Runtime
 from tests.conftest import ADMIN_TOKEN, make_settings
