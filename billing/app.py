@@ -22,7 +22,7 @@ from billing.api.hot import AuthorizeFastPath
 from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
-from billing.notify import webhooks
+from billing.notify import outbox
 from billing.runtime import Runtime, current_runtime
 from billing.web import init_app as init_web
 
@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             settings.redis_url, socket_timeout=1, socket_connect_timeout=1
         )
     sessions = make_sessionmaker(engine)
-    sessions.configure(info=webhooks.session_info(settings.balance_low_threshold))
+    sessions.configure(info=outbox.session_info(settings.balance_low_threshold))
     runtime = Runtime(settings, engine, sessions, redis=client)
     app.extensions["billing"] = runtime
     app.after_request(_commit_on_success)
@@ -152,7 +152,7 @@ def celery_init_app(app: Flask) -> Celery[Any]:
             "reconcile-ledger": {"task": "workers.tasks.reconcile_ledger", "schedule": 3600.0},
             # A hold past its expiry counts (conservatively) until this releases it.
             "expire-holds": {"task": "workers.tasks.expire_holds", "schedule": 10.0},
-            # Retries fall due on the schedule of billing.notify.webhooks; this sends them (and any
+            # Retries fall due on the schedule of billing.notify.delivery; this sends them (and any
             # delivery whose after-commit trigger was lost).
             "deliver-webhooks": {"task": "workers.tasks.deliver_webhooks", "schedule": 5.0},
             # Idempotent and cheap, so it runs often rather than once at 00:00 UTC on the 1st,

@@ -33,7 +33,7 @@ from billing.enforcement.authorize import Authorizer, RateLimits
 from billing.enforcement.hotpath import HotPath
 from billing.ledger import holds
 from billing.metering import settlement
-from billing.notify import webhooks
+from billing.notify import delivery
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Runtime:
             expired += self.hotpath.expire(now=now)
         return expired
 
-    # Webhooks (billing.notify.webhooks)
+    # Webhooks (billing.notify.delivery)
 
     def trigger_webhooks(self) -> None:
         """Have queued webhook deliveries sent now by a worker.
@@ -206,10 +206,10 @@ class Runtime:
         """Send the due webhook deliveries (new ones and retries); returns the attempts made."""
         settings = self.settings
         schedule = settings.webhook_retry_delays
-        return webhooks.deliver_due(
+        return delivery.deliver_due(
             self.sessions,
             hmac_key=settings.hmac_key,
-            schedule=webhooks.RETRY_SCHEDULE if schedule is None else schedule,
+            schedule=delivery.RETRY_SCHEDULE if schedule is None else schedule,
             timeout=settings.webhook_timeout_seconds,
         )
 

@@ -6,7 +6,7 @@ from billing.catalog import catalog
 from billing.core.db import Base
 from billing.ledger import holds, ledger
 from billing.metering import usage_events
-from billing.notify import webhooks
+from billing.notify import models as webhooks
 from billing.payments import models as payments
 
 metadata = Base.metadata

@@ -7,7 +7,7 @@ Invariants:
   available balance) by :func:`derive_state`, first matching row of the state table winning;
   every change of it is recorded in ``key_state_changes`` with its reason, in the same
   transaction as the fact that caused it, and queued for the webhook endpoints
-  (``billing.notify.webhooks``) in that transaction too.
+  (``billing.notify.outbox``) in that transaction too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from billing.core.db import Base, BigIntId
 from billing.core.effects import mark_account, mark_keys_changed
 from billing.core.errors import InvalidRequest, NotFound
 from billing.core.ids import keyed_hash, mask, new_id, new_secret
-from billing.notify import webhooks
+from billing.notify import outbox
 
 KEY_PREFIX = "sk-"
 
@@ -239,7 +239,7 @@ def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.da
         key_id=key.id, old_state=key.state, new_state=new, reason=reason, created_at=now
     )
     session.add(change)
-    webhooks.announce_key_state(
+    outbox.announce_key_state(
         session,
         key_id=key.id,
         account_id=key.account_id,

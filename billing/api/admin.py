@@ -22,7 +22,8 @@ from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd, parse_usd
 from billing.ledger import ledger
 from billing.metering import settlement, usage_events
-from billing.notify import webhooks
+from billing.notify import delivery, endpoints
+from billing.notify.models import DeliveryStatus
 from billing.payments import auto_recharge
 from billing.payments.models import AutoRecharge
 from billing.runtime import current_runtime
@@ -415,7 +416,7 @@ def list_audit_log(query: schemas.PageQuery) -> dict[str, Any]:
 @admin.post("/webhook-endpoints", tags=WEBHOOKS, responses={201: schemas.WebhookEndpointWithSecret})
 def create_webhook_endpoint(body: schemas.WebhookEndpointCreate) -> tuple[dict[str, Any], int]:
     """Register a gateway endpoint for signed events. The `secret` is in this response only."""
-    row, secret = webhooks.create_endpoint(
+    row, secret = endpoints.create_endpoint(
         session(),
         url=body.url,
         event_types=body.event_types,
@@ -432,7 +433,7 @@ def create_webhook_endpoint(body: schemas.WebhookEndpointCreate) -> tuple[dict[s
 )
 def list_webhook_endpoints() -> dict[str, Any]:
     """Every webhook endpoint, disabled ones included (secrets are never shown again)."""
-    return _all([render.webhook_endpoint(row) for row in webhooks.list_endpoints(session())])
+    return _all([render.webhook_endpoint(row) for row in endpoints.list_endpoints(session())])
 
 
 @admin.post(
@@ -442,7 +443,7 @@ def list_webhook_endpoints() -> dict[str, Any]:
 )
 def disable_webhook_endpoint(path: schemas.WebhookEndpointPath) -> dict[str, Any]:
     """Stop sending to an endpoint; its pending deliveries are marked failed."""
-    row = webhooks.disable_endpoint(session(), path.endpoint_id, now=now())
+    row = endpoints.disable_endpoint(session(), path.endpoint_id, now=now())
     return render.webhook_endpoint(row).model_dump(mode="json")
 
 
@@ -455,10 +456,10 @@ def list_webhook_deliveries(
     path: schemas.WebhookEndpointPath, query: schemas.WebhookDeliveryQuery
 ) -> dict[str, Any]:
     """An endpoint's deliveries, newest first, optionally only those with `status`."""
-    rows = webhooks.deliveries(
+    rows = delivery.deliveries(
         session(),
         path.endpoint_id,
-        status=None if query.status is None else webhooks.DeliveryStatus(query.status),
+        status=None if query.status is None else DeliveryStatus(query.status),
         before=schemas.decode_int_cursor(query.cursor),
         limit=query.limit,
     )
@@ -473,8 +474,8 @@ def list_webhook_deliveries(
 def get_webhook_delivery(path: schemas.WebhookDeliveryPath) -> dict[str, Any]:
     """A delivery with its event and every attempt (status code or error, and duration)."""
     db = session()
-    row = webhooks.get_delivery(db, path.delivery_id)
-    detail = render.webhook_delivery_detail(row, webhooks.attempts(db, row.id))
+    row = delivery.get_delivery(db, path.delivery_id)
+    detail = render.webhook_delivery_detail(row, delivery.attempts(db, row.id))
     return detail.model_dump(mode="json")
 
 
@@ -485,7 +486,7 @@ def get_webhook_delivery(path: schemas.WebhookDeliveryPath) -> dict[str, Any]:
 )
 def replay_webhook_delivery(path: schemas.WebhookDeliveryPath) -> tuple[dict[str, Any], int]:
     """Send a delivery's event again, as a new delivery with the same `webhook-id`."""
-    row = webhooks.replay(session(), path.delivery_id, now=now())
+    row = delivery.replay(session(), path.delivery_id, now=now())
     return render.webhook_delivery(row).model_dump(mode="json"), 201
 
 

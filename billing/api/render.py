@@ -21,7 +21,7 @@ from billing.core.money import format_usd
 from billing.ledger.ledger import LedgerEntry
 from billing.metering.settlement import UnpricedModel
 from billing.metering.usage_events import UsageEvent
-from billing.notify.webhooks import (
+from billing.notify.models import (
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,

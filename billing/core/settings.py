@@ -40,12 +40,12 @@ class Settings(BaseSettings):
         "1 per 10 seconds", description="Rate limit of new keys (`limits` syntax)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
-    # Webhooks (billing.notify.webhooks)
+    # Webhooks (billing.notify)
     webhook_retry_schedule: str | None = Field(
         None,
         description="Seconds to wait before each retry of a failed webhook, comma-separated;"
         " after the last, the delivery has failed."
-        " Default: billing.notify.webhooks.RETRY_SCHEDULE.",
+        " Default: billing.notify.delivery.RETRY_SCHEDULE.",
     )
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, description="Timeout of one webhook request (connect, and each read)."

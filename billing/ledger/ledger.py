@@ -34,7 +34,7 @@ from billing.core.db import Base, BigIntId, newest_first
 from billing.core.errors import Conflict, InvalidRequest
 from billing.core.money import MAX_AMOUNT_NANOS, Nanos, format_usd
 from billing.ledger import holds
-from billing.notify import webhooks
+from billing.notify import outbox
 
 
 class EntryKind(enum.StrEnum):
@@ -216,7 +216,7 @@ def _record(session: Session, entry: LedgerEntry) -> None:
 
 def _move_balance(session: Session, entry: LedgerEntry) -> None:
     """Move the balance by ``entry``'s amount by an atomic in-place increment; announce the
-    balance crossing a notice threshold (``billing.notify.webhooks``)."""
+    balance crossing a notice threshold (``billing.notify.outbox``)."""
     balance = session.execute(
         update(Account)
         .where(Account.id == entry.account_id)
@@ -227,7 +227,7 @@ def _move_balance(session: Session, entry: LedgerEntry) -> None:
         .returning(Account.balance_nanos)
     ).scalar_one()
     # The balance this entry moved from, exactly: the increment is atomic.
-    webhooks.announce_balance(
+    outbox.announce_balance(
         session,
         account_id=entry.account_id,
         before=balance - entry.amount_nanos,

@@ -27,7 +27,7 @@ from billing.core.money import format_usd
 from billing.core.settings import Settings
 from billing.ledger import ledger
 from billing.ledger.ledger import EntryKind, Posting
-from billing.notify import webhooks
+from billing.notify import outbox
 from billing.payments import stripe_api
 from billing.payments.models import AutoRecharge, Payment, PaymentStatus, Source
 from billing.payments.stripe_api import cents_to_nanos
@@ -149,7 +149,7 @@ def credit(
             config.consecutive_failures = 0
             config.retry_after = None
     balance = session.scalar(select(Account.balance_nanos).where(Account.id == payment.account_id))
-    webhooks.announce_top_up(
+    outbox.announce_top_up(
         session,
         account_id=payment.account_id,
         payment_id=payment.id,
@@ -193,7 +193,7 @@ def fail(
         message,
         retry_after.isoformat(),
     )
-    webhooks.announce_auto_recharge_failed(
+    outbox.announce_auto_recharge_failed(
         session,
         account_id=payment.account_id,
         payment_id=payment.id,

@@ -11,7 +11,7 @@ from billing.app import create_app
 from billing.cli import main
 from billing.core.db import utcnow
 from billing.core.settings import Settings
-from billing.notify import webhooks
+from billing.notify import endpoints
 from billing.runtime import Runtime
 from tests.notify.conftest import Receiver
 
@@ -37,7 +37,7 @@ def test_the_cli_delivers_on_the_embedded_default(tmp_path: Path, receiver: Rece
     runtime: Runtime = create_app(settings).extensions["billing"]
     with runtime.transaction() as session:
         now = utcnow()
-        _, receiver.secret = webhooks.create_endpoint(
+        _, receiver.secret = endpoints.create_endpoint(
             session, url=receiver.url, event_types=None, hmac_key=settings.hmac_key, now=now
         )
         account = accounts.create_account(session, name="embedded", email=None, now=now)

@@ -1,4 +1,4 @@
-"""Signed delivery to a real HTTP receiver, in-process (``webhooks.deliver_due``): the
+"""Signed delivery to a real HTTP receiver, in-process (``delivery.deliver_due``): the
 events, their signatures, retries on the schedule with every attempt logged, replay, and the
 balance notices (DESIGN 5, 6.4 and 7)."""
 
@@ -21,7 +21,7 @@ from billing.app import create_app
 from billing.core.db import utcnow
 from billing.core.money import parse_usd
 from billing.ledger import ledger
-from billing.notify import webhooks
+from billing.notify import delivery, endpoints, models, outbox
 from billing.runtime import Runtime
 from tests.conftest import make_settings
 from tests.notify.conftest import (
@@ -40,7 +40,7 @@ OVERDRAW = (1000, 2000)
 
 
 def deliver(runtime: Runtime, schedule: tuple[float, ...] = (60,)) -> int:
-    return webhooks.deliver_due(
+    return delivery.deliver_due(
         runtime.sessions, hmac_key=runtime.settings.hmac_key, schedule=schedule, timeout=5
     )
 
@@ -299,16 +299,16 @@ def test_the_balance_low_threshold_is_configurable(
 ) -> None:
     configured = create_app(make_settings(tmp_path, balance_low_threshold_usd="5.00"))
     sessions = configured.extensions["billing"].sessions
-    assert sessions().info[webhooks.BALANCE_LOW_THRESHOLD] == parse_usd("5.00")
+    assert sessions().info[outbox.BALANCE_LOW_THRESHOLD] == parse_usd("5.00")
 
-    webhooks.create_endpoint(
+    endpoints.create_endpoint(
         db,
         url="http://127.0.0.1:9/x",
         event_types=["account.balance_low"],
         hmac_key=runtime.settings.hmac_key,
         now=utcnow(),
     )
-    db.info.update(webhooks.session_info(parse_usd("5.00")))
+    db.info.update(outbox.session_info(parse_usd("5.00")))
     account = accounts.create_account(db, name="t", email=None, now=utcnow())
     for amount in ("6", "-0.5", "-0.6"):
         ledger.post(
@@ -318,7 +318,7 @@ def test_the_balance_low_threshold_is_configurable(
         )
     db.flush()
     events = db.scalars(
-        select(webhooks.WebhookEvent).where(webhooks.WebhookEvent.type == "account.balance_low")
+        select(models.WebhookEvent).where(models.WebhookEvent.type == "account.balance_low")
     ).all()
     assert [(e.payload["balance_usd"], e.payload["threshold_usd"]) for e in events] == [
         ("4.900000000", "5.000000000")
@@ -326,15 +326,15 @@ def test_the_balance_low_threshold_is_configurable(
 
 
 def test_nothing_is_stored_for_an_event_no_endpoint_wants(admin: FlaskClient, db: Session) -> None:
-    before = len(db.scalars(select(webhooks.WebhookEvent)).all())
+    before = len(db.scalars(select(models.WebhookEvent)).all())
     new_key(admin, new_account(admin, credit="3"))
     adjust(admin, new_account(admin, credit="3"), "-2.5")
-    assert len(db.scalars(select(webhooks.WebhookEvent)).all()) == before
+    assert len(db.scalars(select(models.WebhookEvent)).all()) == before
 
 
 def test_a_rolled_back_change_announces_nothing(db: Session, runtime: Runtime) -> None:
     now = utcnow()
-    webhooks.create_endpoint(
+    endpoints.create_endpoint(
         db, url="http://127.0.0.1:9/x", event_types=None, hmac_key=b"k", now=now
     )
     account = accounts.create_account(db, name="t", email=None, now=now)
@@ -342,10 +342,10 @@ def test_a_rolled_back_change_announces_nothing(db: Session, runtime: Runtime) -
     with db.begin_nested() as savepoint:
         keys.issue_key(db, account_id=account.id, settings=settings, hmac_key=b"k", now=now)
         db.flush()
-        assert len(db.scalars(select(webhooks.WebhookDelivery)).all()) == 1
+        assert len(db.scalars(select(models.WebhookDelivery)).all()) == 1
         savepoint.rollback()
-    assert db.scalars(select(webhooks.WebhookDelivery)).all() == []
-    assert db.scalars(select(webhooks.WebhookEvent)).all() == []
+    assert db.scalars(select(models.WebhookDelivery)).all() == []
+    assert db.scalars(select(models.WebhookEvent)).all() == []
 
 
 def test_the_body_is_compact_json_with_the_event_created_at(

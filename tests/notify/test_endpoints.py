@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.access.audit import AuditEntry
-from billing.notify import webhooks
+from billing.notify import models
 from tests.notify.conftest import Receiver, new_account, new_key, register
 from tests.support import assert_error
 
@@ -45,7 +45,7 @@ def test_an_endpoint_is_created_with_its_secret_shown_once(admin: FlaskClient, d
     assert secret not in json.dumps(listed)
 
     # Not stored either: the row keeps only a salt, and the audit log only the request.
-    row = db.get(webhooks.WebhookEndpoint, created["id"])
+    row = db.get(models.WebhookEndpoint, created["id"])
     assert row is not None
     assert secret not in json.dumps({c.name: str(getattr(row, c.name)) for c in row.__table__.c})
     audit = db.scalars(select(AuditEntry).where(AuditEntry.target_id == created["id"])).one()

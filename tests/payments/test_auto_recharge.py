@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from billing.core.db import utcnow
-from billing.notify.webhooks import WebhookEvent
+from billing.notify.models import WebhookEvent
 from billing.payments.auto_recharge import (
     LOST_CHARGE_AFTER,
     claim_auto_recharges,

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from billing.ledger.ledger import LedgerEntry
-from billing.notify.webhooks import WebhookEvent
+from billing.notify.models import WebhookEvent
 from billing.payments.models import Payment, StripeEvent
 from tests.payments.conftest import Deliver, balance, event, sign, succeeded
 from tests.support import assert_error, key_state, new_key
