@@ -30,7 +30,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
 # The benchmarks: real gunicorn, Celery, PostgreSQL and Redis on this machine; each writes its
-# section of BENCHMARKS.md. Usage metering (bench/metering.py; BENCH_ARGS=--help for options),
+# section of BENCHMARKS.md. Usage metering (bench/metering/; BENCH_ARGS=--help for options),
 # then authorize against a bare Flask endpoint (bench/authorize.py; AUTHORIZE_ARGS), whose load
 # generator is wrk (Debian's package, installed here if missing).
 bench: $(VENV)/.installed-dev $(VENV)/.installed-bench

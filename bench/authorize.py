@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -41,26 +38,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import redis
 import requests
 
-from bench.metering import (
+from bench.harness.environment import (
     ADMIN_TOKEN,
-    BIN,
     GATEWAY_TOKEN,
-    ROOT,
-    SECRET_KEY,
-    Services,
-    free_port,
-    log,
-    mark,
-    run_text,
-    tail,
-    write_report,
+    recreate_database,
+    service_env,
 )
+from bench.harness.processes import BIN, ROOT, Services, begin_run, free_port, log, tail
+from bench.harness.report import mark, nproc, write_report
 
 SECTION = "authorize"
+PG = "postgres@127.0.0.1:5432"
 MODEL = "doubao-seed-2-0-lite"
 # Seed prices of MODEL (billing/data/prices.json), USD per token.
 INPUT_PRICE = Decimal("0.39") / 1_000_000
@@ -125,7 +116,7 @@ class Config:
 
     @property
     def database_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:5432/{self.database}"
+        return f"postgresql://{PG}/{self.database}"
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -177,9 +168,7 @@ class Api:
 
 
 def prepare(config: Config, env: dict[str, str]) -> None:
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{config.database}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{config.database}"')
+    recreate_database(PG, config.database)
     for command in (["db", "upgrade"], ["prices", "import"]):
         subprocess.run([str(BIN / "billing"), *command], env=env, check=True, cwd=ROOT)  # noqa: S603
     redis.Redis.from_url(config.redis_url).flushdb()
@@ -352,7 +341,7 @@ def render(
         "## Authorize (`python -m bench.authorize`)",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on this machine"
-        f" ({run_text(['nproc'])} cores, shared by gunicorn, Redis, PostgreSQL and wrk)."
+        f" ({nproc()} cores, shared by gunicorn, Redis, PostgreSQL and wrk)."
         f" gunicorn `--workers {config.workers} --worker-class gthread --threads"
         f" {config.threads}` for both endpoints; wrk, 2 threads, {config.connections} keep-alive"
         f" connections, {config.seconds} s per round, rounds alternating after a warm-up."
@@ -399,19 +388,8 @@ def render(
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = Path(tempfile.mkdtemp(prefix="billing-bench-authorize-"))
-    log(f"logs in {workdir}")
-    env = os.environ | {
-        "DATABASE_URL": config.database_url,
-        "REDIS_URL": config.redis_url,
-        "SECRET_KEY": SECRET_KEY,
-        "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
-        "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
-        "DATA_DIR": str(workdir / "data"),
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(ROOT),
-    }
+    workdir = begin_run("billing-bench-authorize-")
+    env = service_env(workdir, config.database_url, config.redis_url)
     services = Services(workdir, env)
     try:
         prepare(config, env)
