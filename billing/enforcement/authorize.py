@@ -17,12 +17,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
+from cachetools import TTLCache
 from limits import RateLimitItem, parse
 from limits.storage import Storage
 from limits.strategies import MovingWindowRateLimiter
@@ -144,15 +146,18 @@ class Quotes:
 
     def __init__(self, ttl: float = 5.0) -> None:
         self.ttl = ttl
-        self._quotes: dict[str, tuple[float, Quote]] = {}
+        # Only names of priced models are remembered, so the bound is never reached in practice.
+        self._quotes: TTLCache[str, Quote] = TTLCache(maxsize=4096, ttl=ttl)
+        # cachetools' caches are not thread-safe; the lookup itself runs outside the lock.
+        self._lock = threading.Lock()
 
     def get(self, session: Opener, name: str, *, now: dt.datetime) -> Quote | None:
         """The quote for ``name``, or None if it names no model with a price now; raises
         NeedsDatabase if it must be looked up and ``session`` is None."""
-        cached = self._quotes.get(name)
-        clock = time.monotonic()
-        if cached is not None and cached[0] > clock:
-            return cached[1]
+        with self._lock:
+            cached = self._quotes.get(name)
+        if cached is not None:
+            return cached
         database = _opened(session)
         try:
             model_id = catalog.resolve_model(database, name)
@@ -162,7 +167,8 @@ class Quotes:
         if version is None:
             return None
         quote = Quote(model_id, version.price, version.max_output_tokens)
-        self._quotes[name] = (clock + self.ttl, quote)
+        with self._lock:
+            self._quotes[name] = quote
         return quote
 
 
