@@ -4,16 +4,15 @@ Invariants:
 - A key's secret is shown once, at creation or rotation; only its keyed hash is stored, and a
   lookup is one query on the unique hash index.
 - A key's ``state`` is derived from facts (revoked, disabled, expiry, suspension, the account's
-  available balance) by :func:`derive_state`, first matching row of the state table winning;
-  every change of it is recorded in ``key_state_changes`` with its reason, in the same
-  transaction as the fact that caused it, and queued for the webhook endpoints
-  (``billing.notify.outbox``) in that transaction too.
+  available balance) by :func:`derive_state`, first matching row of the state table
+  (``billing.accounts.key_states``) winning; every change of it is recorded in
+  ``key_state_changes`` with its reason, in the same transaction as the fact that caused it,
+  and queued for the webhook endpoints (``billing.notify.outbox``) in that transaction too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +22,14 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing.accounts import rollups
 from billing.accounts.accounts import Account, get_account
+from billing.accounts.key_states import (
+    ENFORCEMENT,
+    SMALLEST_HOLD,
+    STATE_TABLE,
+    KeyFacts,
+    KeyState,
+    first_row,
+)
 from billing.catalog import catalog
 from billing.core.db import Base, BigIntId
 from billing.core.effects import mark_account, mark_keys_changed
@@ -31,57 +38,6 @@ from billing.core.ids import keyed_hash, mask, new_id, new_secret
 from billing.notify import outbox
 
 KEY_PREFIX = "sk-"
-
-
-class KeyState(enum.StrEnum):
-    """What the gateway must do with a key, in precedence order (first applicable wins)."""
-
-    REVOKED = "revoked"
-    DISABLED = "disabled"
-    EXPIRED = "expired"
-    SUSPENDED = "suspended"
-    INSUFFICIENT_BALANCE = "insufficient_balance"
-    MONTHLY_QUOTA_EXCEEDED = "monthly_quota_exceeded"
-    ACTIVE = "active"
-
-
-@dataclass(frozen=True)
-class Enforcement:
-    """How a state is answered: the HTTP status and the OpenAI-shaped error."""
-
-    http_status: int
-    code: str | None
-    type: str | None
-    message: str | None
-
-
-_INVALID = Enforcement(
-    401, "invalid_api_key", "invalid_request_error", "Incorrect API key provided."
-)
-ENFORCEMENT: dict[KeyState, Enforcement] = {
-    KeyState.REVOKED: _INVALID,
-    KeyState.DISABLED: _INVALID,
-    KeyState.EXPIRED: _INVALID,
-    KeyState.SUSPENDED: Enforcement(
-        451,
-        "content_policy_violation",
-        "invalid_request_error",
-        "This key is suspended after repeated content policy violations.",
-    ),
-    KeyState.INSUFFICIENT_BALANCE: Enforcement(
-        402,
-        "insufficient_balance",
-        "insufficient_quota",
-        "Your balance is insufficient. Please top up your account.",
-    ),
-    KeyState.MONTHLY_QUOTA_EXCEEDED: Enforcement(
-        429,
-        "monthly_quota_exceeded",
-        "insufficient_quota",
-        "This key has used its monthly spend cap.",
-    ),
-    KeyState.ACTIVE: Enforcement(200, None, None, None),
-}
 
 
 class ApiKey(Base):
@@ -124,11 +80,20 @@ class ApiKey(Base):
         return f"{self.display_prefix}...{self.last4}"
 
     def state_at(self, now: dt.datetime) -> KeyState:
-        """The state in force at ``now``: the stored state, unless the key has expired since."""
-        state = KeyState(self.state)
-        if state not in (KeyState.REVOKED, KeyState.DISABLED) and self._expired(now):
-            return KeyState.EXPIRED
-        return state
+        """The state in force at ``now``: the stored state, unless the key has expired since
+        and expiry comes first in the state table."""
+        stored = KeyState(self.state)
+        expired = self._expired(now)
+        return next(
+            row.state
+            for row in STATE_TABLE
+            if row.state is stored or (expired and row.state is KeyState.EXPIRED)
+        )
+
+    def usable(self, now: dt.datetime) -> bool:
+        """Whether the key can be used at all at ``now``: its state then is not answered 401
+        (a key at 402, 429 or 451 still is the caller's, and may, say, sign in to pay)."""
+        return ENFORCEMENT[self.state_at(now)].http_status != 401
 
     def _expired(self, now: dt.datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -170,6 +135,32 @@ class KeySettings:
     expires_at: dt.datetime | None
 
 
+def key_facts(
+    key: ApiKey,
+    account: Account,
+    now: dt.datetime,
+    *,
+    month_spend: int,
+    hold_nanos: int | None = None,
+) -> KeyFacts:
+    """``key``'s facts at ``now``; ``month_spend`` is its settled spend in the current UTC
+    month. With ``hold_nanos`` (authorize), the open holds of the account and of the key count
+    too; without, the facts are those of settled money (see ``SMALLEST_HOLD``)."""
+    settled = hold_nanos is None
+    return KeyFacts(
+        revoked=key.revoked_at is not None,
+        disabled=key.disabled_at is not None,
+        expired=key._expired(now),
+        suspended=key.suspended_at is not None,
+        balance_nanos=account.balance_nanos,
+        month_spend=month_spend,
+        monthly_cap_nanos=key.monthly_cap_nanos,
+        held_nanos=0 if settled else account.held_nanos,
+        key_held_nanos=0 if settled else key.held_nanos,
+        hold_nanos=SMALLEST_HOLD if hold_nanos is None else hold_nanos,
+    )
+
+
 def derive_state(
     key: ApiKey, account: Account, now: dt.datetime, *, month_spend: int = 0
 ) -> KeyState:
@@ -180,19 +171,7 @@ def derive_state(
     (``billing.enforcement.authorize``) without changing the key's state, as holds come and go
     by the second.
     """
-    if key.revoked_at is not None:
-        return KeyState.REVOKED
-    if key.disabled_at is not None:
-        return KeyState.DISABLED
-    if key._expired(now):
-        return KeyState.EXPIRED
-    if key.suspended_at is not None:
-        return KeyState.SUSPENDED
-    if account.balance_nanos <= 0:
-        return KeyState.INSUFFICIENT_BALANCE
-    if key.monthly_cap_nanos is not None and month_spend >= key.monthly_cap_nanos:
-        return KeyState.MONTHLY_QUOTA_EXCEEDED
-    return KeyState.ACTIVE
+    return first_row(key_facts(key, account, now, month_spend=month_spend)).state
 
 
 def refresh_state(

@@ -34,8 +34,7 @@ def authenticated_key() -> keys.ApiKey:
             "Missing API key: send 'Authorization: Bearer sk-...'.", param="Authorization"
         )
     key = keys.find_key(session(), secret, hmac_key=settings().hmac_key)
-    state = key.state_at(now())
-    if keys.ENFORCEMENT[state].http_status == 401:
+    if not key.usable(now()):
         raise keys.InvalidApiKey("Incorrect API key provided.", param="Authorization")
     return key
 

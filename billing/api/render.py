@@ -12,7 +12,8 @@ from flask import Response
 from billing.access.audit import AuditEntry
 from billing.access.auth import ServiceToken
 from billing.accounts.accounts import Account
-from billing.accounts.keys import ENFORCEMENT, ApiKey, KeyState, KeyStateChange
+from billing.accounts.key_states import ENFORCEMENT, KeyState
+from billing.accounts.keys import ApiKey, KeyStateChange
 from billing.accounts.violations import Reported, Violation
 from billing.api import schemas
 from billing.catalog.catalog import ModelListing

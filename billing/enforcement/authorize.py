@@ -17,12 +17,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
+from cachetools import TTLCache
 from limits import RateLimitItem, parse
 from limits.storage import Storage
 from limits.strategies import MovingWindowRateLimiter
@@ -31,7 +33,8 @@ from sqlalchemy.orm import Session
 
 from billing.accounts import rollups
 from billing.accounts.accounts import Account
-from billing.accounts.keys import ENFORCEMENT, ApiKey, KeyState
+from billing.accounts.key_states import ENFORCEMENT, KeyState, first_row
+from billing.accounts.keys import ApiKey, key_facts
 from billing.catalog import catalog
 from billing.catalog.pricing import Price, worst_case_cost
 from billing.core.errors import BillingError
@@ -66,6 +69,10 @@ class Unavailable(BillingError):
     status = 503
     code = "service_unavailable"
     type = "server_error"
+
+
+# Verdicts that name a key state: that state's row of the table answers.
+_REFUSED_STATES = frozenset(state.value for state in KeyState if state is not KeyState.ACTIVE)
 
 
 def _state_refusal(state: KeyState, retry_after: int | None = None) -> Refused:
@@ -139,15 +146,18 @@ class Quotes:
 
     def __init__(self, ttl: float = 5.0) -> None:
         self.ttl = ttl
-        self._quotes: dict[str, tuple[float, Quote]] = {}
+        # Only names of priced models are remembered, so the bound is never reached in practice.
+        self._quotes: TTLCache[str, Quote] = TTLCache(maxsize=4096, ttl=ttl)
+        # cachetools' caches are not thread-safe; the lookup itself runs outside the lock.
+        self._lock = threading.Lock()
 
     def get(self, session: Opener, name: str, *, now: dt.datetime) -> Quote | None:
         """The quote for ``name``, or None if it names no model with a price now; raises
         NeedsDatabase if it must be looked up and ``session`` is None."""
-        cached = self._quotes.get(name)
-        clock = time.monotonic()
-        if cached is not None and cached[0] > clock:
-            return cached[1]
+        with self._lock:
+            cached = self._quotes.get(name)
+        if cached is not None:
+            return cached
         database = _opened(session)
         try:
             model_id = catalog.resolve_model(database, name)
@@ -157,7 +167,8 @@ class Quotes:
         if version is None:
             return None
         quote = Quote(model_id, version.price, version.max_output_tokens)
-        self._quotes[name] = (clock + self.ttl, quote)
+        with self._lock:
+            self._quotes[name] = quote
         return quote
 
 
@@ -187,8 +198,9 @@ class RateLimits:
 
 
 class PostgresHolds:
-    """The checks of ``hotpath._AUTHORIZE`` on PostgreSQL (or SQLite), holds in ``holds``, rate
-    limits in ``rate_limits``."""
+    """The checks of ``lua/authorize.lua`` on PostgreSQL (or SQLite), holds in ``holds``, rate
+    limits in ``rate_limits``: the state table walked with the key's stored state and the
+    facts at hand, then the rate limit and the model."""
 
     def __init__(self, session: Session, rate_limits: RateLimits) -> None:
         self.session = session
@@ -206,27 +218,15 @@ class PostgresHolds:
         def answer(verdict: str, available: int | None = None) -> Verdict:
             return Verdict(verdict, key.id, key.account_id, key.rate_limit or "", available)
 
-        state = key.state_at(now)
-        if ENFORCEMENT[state].http_status == 401:
-            return answer("invalid")
-        if state is KeyState.SUSPENDED:
-            return answer("suspended")
         account = session.get_one(Account, key.account_id)
         available = account.balance_nanos - account.held_nanos
-        if (
-            state is KeyState.INSUFFICIENT_BALANCE
-            or account.balance_nanos <= 0
-            or available < amount_nanos
-        ):
-            return answer("insufficient_balance", available)
         spend = 0
         if key.monthly_cap_nanos is not None:
             spend = rollups.month_spend(session, [key.id], now=now).get(key.id, 0)
-            if (
-                state is KeyState.MONTHLY_QUOTA_EXCEEDED
-                or spend + key.held_nanos + amount_nanos > key.monthly_cap_nanos
-            ):
-                return answer("monthly_quota_exceeded", available)
+        facts = key_facts(key, account, now, month_spend=spend, hold_nanos=amount_nanos)
+        state = first_row(facts, stored=key.state_at(now)).state
+        if state is not KeyState.ACTIVE:
+            return answer(state.value, available)
         limit = key.rate_limit
         if limit and not self.rate_limits.test(limit, key.id):
             return answer("rate_limited", available)
@@ -259,13 +259,6 @@ class PostgresHolds:
         return Verdict(
             "held", key.id, key.account_id, key.rate_limit or "", left, row.id, row.amount_nanos
         )
-
-
-_STATE_VERDICTS = {
-    "invalid": KeyState.REVOKED,
-    "suspended": KeyState.SUSPENDED,
-    "insufficient_balance": KeyState.INSUFFICIENT_BALANCE,
-}
 
 
 @dataclass
@@ -373,10 +366,12 @@ class Authorizer:
         now: dt.datetime,
     ) -> Authorization:
         outcome = verdict.verdict
-        if outcome in _STATE_VERDICTS:
-            raise _state_refusal(_STATE_VERDICTS[outcome])
-        if outcome == "monthly_quota_exceeded":
+        if outcome == "invalid":  # a secret of no key, answered as the 401 rows are
+            raise _state_refusal(KeyState.REVOKED)
+        if outcome == KeyState.MONTHLY_QUOTA_EXCEEDED:
             raise _state_refusal(KeyState.MONTHLY_QUOTA_EXCEEDED, seconds_to_next_month(now))
+        if outcome in _REFUSED_STATES:
+            raise _state_refusal(KeyState(outcome))
         if outcome == "rate_limited":
             raise self._rate_limited(rate_limits, verdict.rate_limit, verdict.key_id)
         if outcome == "model_not_allowed":

@@ -18,7 +18,8 @@ from limits.storage import RedisStorage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing.accounts.keys import CHANGE_COMMIT_LAG, ENFORCEMENT, ApiKey, KeyState, KeyStateChange
+from billing.accounts.key_states import ENFORCEMENT, KeyState
+from billing.accounts.keys import CHANGE_COMMIT_LAG, ApiKey, KeyStateChange
 
 CURSOR = "billing:mirror:cursor"
 KEY_PREFIX = "billing:key:"

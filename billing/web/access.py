@@ -156,7 +156,7 @@ def sign_in(db: Session, secret: str, *, settings: Settings, now: dt.datetime) -
     """
     limiter().hit(request.remote_addr or "unknown")
     key = keys.find_key(db, secret.strip(), hmac_key=settings.hmac_key)
-    if keys.ENFORCEMENT[key.state_at(now)].http_status == 401:
+    if not key.usable(now):
         raise keys.InvalidApiKey("Incorrect API key provided.", param="api_key")
     # A fresh session (and CSRF token) on every sign-in, so nothing from before carries over.
     session.clear()
@@ -177,7 +177,7 @@ def signed_in(db: Session, *, now: dt.datetime) -> SignIn | None:
         sign_out()
         return None
     key = db.get(keys.ApiKey, key_id)
-    if key is None or keys.ENFORCEMENT[key.state_at(now)].http_status == 401:
+    if key is None or not key.usable(now):
         sign_out()
         return None
     return SignIn(key=key, account_id=key.account_id)

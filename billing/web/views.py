@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from billing.accounts import keys
 from billing.accounts.accounts import Account, get_account
+from billing.accounts.key_states import KeyState
 from billing.api.context import now, session, settings
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, parse_usd
@@ -38,13 +39,13 @@ web = Blueprint(
 CHART_DAYS = 30
 LEDGER_ROWS = 20
 STATE_LABELS = {
-    keys.KeyState.ACTIVE: "Active",
-    keys.KeyState.INSUFFICIENT_BALANCE: "Blocked: no balance left (402)",
-    keys.KeyState.MONTHLY_QUOTA_EXCEEDED: "Blocked: monthly spend cap reached (429)",
-    keys.KeyState.SUSPENDED: "Suspended: content policy violations (451)",
-    keys.KeyState.EXPIRED: "Expired (401)",
-    keys.KeyState.DISABLED: "Disabled (401)",
-    keys.KeyState.REVOKED: "Revoked (401)",
+    KeyState.ACTIVE: "Active",
+    KeyState.INSUFFICIENT_BALANCE: "Blocked: no balance left (402)",
+    KeyState.MONTHLY_QUOTA_EXCEEDED: "Blocked: monthly spend cap reached (429)",
+    KeyState.SUSPENDED: "Suspended: content policy violations (451)",
+    KeyState.EXPIRED: "Expired (401)",
+    KeyState.DISABLED: "Disabled (401)",
+    KeyState.REVOKED: "Revoked (401)",
 }
 
 

@@ -1,0 +1,133 @@
+"""The key states of DESIGN section 5 and their precedence: one ordered table.
+
+Each row names a state, how the gateway answers it, and the fact that calls for it; the first
+row that applies wins. ``billing.accounts.keys.derive_state`` walks it to set a key's stored
+state, ``billing.enforcement.authorize`` walks it (with the stored state and the request's
+hold) to answer authorize on PostgreSQL, and the Redis script
+(``billing/enforcement/lua/authorize.lua``) checks the same facts in the same order, proved
+against this table row by row and pair by pair in ``tests/enforcement/test_state_table.py``.
+Pure: no database, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class KeyState(enum.StrEnum):
+    """What the gateway must do with a key; ``STATE_TABLE`` gives their precedence."""
+
+    REVOKED = "revoked"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+    SUSPENDED = "suspended"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    MONTHLY_QUOTA_EXCEEDED = "monthly_quota_exceeded"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """How a state is answered: the HTTP status and the OpenAI-shaped error."""
+
+    http_status: int
+    code: str | None
+    type: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """What the state table is read against: a key's facts at one moment, in nano-dollars.
+
+    ``hold_nanos`` is the cost about to be held, ``held_nanos`` the account's open holds and
+    ``key_held_nanos`` the key's (see ``key_facts``).
+    """
+
+    revoked: bool
+    disabled: bool
+    expired: bool
+    suspended: bool
+    balance_nanos: int
+    month_spend: int
+    monthly_cap_nanos: int | None
+    held_nanos: int
+    key_held_nanos: int
+    hold_nanos: int
+
+
+def _balance_short(facts: KeyFacts) -> bool:
+    available = facts.balance_nanos - facts.held_nanos
+    return facts.balance_nanos <= 0 or available < facts.hold_nanos
+
+
+def _cap_passed(facts: KeyFacts) -> bool:
+    cap = facts.monthly_cap_nanos
+    return cap is not None and facts.month_spend + facts.key_held_nanos + facts.hold_nanos > cap
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """One row of the state table: the state, how it is answered, and the fact that calls for
+    it."""
+
+    state: KeyState
+    enforcement: Enforcement
+    applies: Callable[[KeyFacts], bool]
+
+
+_INVALID = Enforcement(
+    401, "invalid_api_key", "invalid_request_error", "Incorrect API key provided."
+)
+# DESIGN section 5, in its order: when several rows apply, the first one wins.
+STATE_TABLE: tuple[StateRow, ...] = (
+    StateRow(KeyState.REVOKED, _INVALID, lambda facts: facts.revoked),
+    StateRow(KeyState.DISABLED, _INVALID, lambda facts: facts.disabled),
+    StateRow(KeyState.EXPIRED, _INVALID, lambda facts: facts.expired),
+    StateRow(
+        KeyState.SUSPENDED,
+        Enforcement(
+            451,
+            "content_policy_violation",
+            "invalid_request_error",
+            "This key is suspended after repeated content policy violations.",
+        ),
+        lambda facts: facts.suspended,
+    ),
+    StateRow(
+        KeyState.INSUFFICIENT_BALANCE,
+        Enforcement(
+            402,
+            "insufficient_balance",
+            "insufficient_quota",
+            "Your balance is insufficient. Please top up your account.",
+        ),
+        _balance_short,
+    ),
+    StateRow(
+        KeyState.MONTHLY_QUOTA_EXCEEDED,
+        Enforcement(
+            429,
+            "monthly_quota_exceeded",
+            "insufficient_quota",
+            "This key has used its monthly spend cap.",
+        ),
+        _cap_passed,
+    ),
+    StateRow(KeyState.ACTIVE, Enforcement(200, None, None, None), lambda facts: True),
+)
+ENFORCEMENT: dict[KeyState, Enforcement] = {row.state: row.enforcement for row in STATE_TABLE}
+assert list(ENFORCEMENT) == list(KeyState), "every state has one row, in KeyState's order"
+
+# A key's stored state follows settled money only, holds coming and going by the second: it
+# says whether the smallest request, one nano-dollar, could be held with no other hold open.
+# So a balance of zero or less is 402, and a month's spend that has reached the cap is 429.
+SMALLEST_HOLD = 1
+
+
+def first_row(facts: KeyFacts, *, stored: KeyState | None = None) -> StateRow:
+    """The first row of ``STATE_TABLE`` that ``facts`` call for or that is the ``stored`` state
+    (which stands until the key is derived again)."""
+    return next(row for row in STATE_TABLE if row.state is stored or row.applies(facts))
