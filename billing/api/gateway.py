@@ -21,7 +21,7 @@ from billing.accounts.keys import ENFORCEMENT, KeyState, KeyStateChange
 from billing.accounts.violations import Reported
 from billing.api import schemas
 from billing.api.context import bearer_token, now, session, settings
-from billing.api.errors import json_body
+from billing.api.errors import error_detail, json_body
 from billing.catalog.usage import MAX_TOKENS
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd
@@ -224,7 +224,14 @@ def report_usage() -> Response | tuple[Response, int]:
         "object": "usage_report",
         "accepted": result.accepted,
         "duplicates": result.duplicates,
-        "rejected": [rejection.as_dict() for rejection in result.rejected],
+        "rejected": [
+            {
+                "index": rejection.index,
+                "request_id": rejection.request_id,
+                "error": error_detail(rejection.error),
+            }
+            for rejection in result.rejected
+        ],
     }
     return jsonify(answer), 202
 
