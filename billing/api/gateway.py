@@ -167,7 +167,7 @@ class UsageAccepted(BaseModel):
     rejected: list[UsageRejection]
 
 
-def report_shape(body: Any) -> str:
+def report_shape(body: Any) -> Literal["event", "batch"]:
     """``"batch"`` for ``{"events": [...]}``, else ``"event"``: how report_usage reads a body."""
     return "batch" if isinstance(body, dict) and "events" in body else "event"
 
