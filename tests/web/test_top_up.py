@@ -21,9 +21,9 @@ from playwright.sync_api import Page, expect
 
 from billing.runtime import Runtime
 from tests.localstripe import SECRET_KEY
+from tests.notify.conftest import key_changes, register, start_receiver
 from tests.web.conftest import ARTIFACTS, STRIPE_WEBHOOK_SECRET
 from tests.web.support import customer, sign_in
-from tests.notify.conftest import key_changes, register, start_receiver
 
 CARD = "4242424242424242"
 CARD_WITH_3DS = "4000002500003155"
