@@ -10,7 +10,7 @@ from flask_openapi3.models import SecurityScheme
 from billing.api.admin import admin
 from billing.api.customer import customer
 from billing.api.errors import register_error_handlers
-from billing.api.gateway import DOC_MODELS, gateway
+from billing.api.gateway import gateway
 from billing.api.ops import ops, register_docs
 from billing.api.stripe_webhook import stripe_webhook
 
@@ -39,4 +39,4 @@ def register(app: OpenAPI) -> None:
     app.register_api(customer)
     app.register_api(gateway)
     app.register_api(stripe_webhook)
-    register_docs(app, DOC_MODELS)
+    register_docs(app)

@@ -49,6 +49,11 @@ def error_document(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def error_detail(exc: BillingError) -> dict[str, Any]:
+    """``exc`` as the inner object of the error shape, as a batch answers each rejected item."""
+    return {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+
+
 def validation_error_response(exc: ValidationError) -> Response:
     """A 400 naming the first field pydantic refused (flask-openapi3's validation callback)."""
     if request.method != "GET":

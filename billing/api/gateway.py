@@ -6,17 +6,23 @@ Every route requires a gateway bearer token, checked before anything else.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic
 from flask import Response, g, jsonify
 from flask_openapi3 import APIBlueprint, Tag
-from pydantic import BaseModel, Field
+from flask_openapi3.models import Schema
+from flask_openapi3.utils import OPENAPI3_REF_PREFIX
+from pydantic import BaseModel, Discriminator, Field, TypeAdapter
 
 from billing.access.auth import Role
 from billing.accounts import keys, violations
-from billing.api import render, schemas
+from billing.accounts.key_states import ENFORCEMENT, KeyState
+from billing.accounts.keys import KeyStateChange
+from billing.accounts.violations import Reported
+from billing.api import schemas
 from billing.api.context import bearer_token, now, session, settings
-from billing.api.errors import json_body
+from billing.api.errors import error_detail, json_body
 from billing.catalog.usage import MAX_TOKENS
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd
@@ -34,57 +40,6 @@ gateway = APIBlueprint(
 TAGS = [Tag(name="Gateway")]
 
 
-class UsageEventIn(BaseModel):
-    """One request's usage. Send `usage` as the upstream reported it, or the four counts."""
-
-    request_id: str = Field(max_length=200, description="The idempotency key of the event.")
-    api_key: str | None = Field(None, description="The customer's key (or send key_id).")
-    key_id: str | None = None
-    model: str = Field(examples=["doubao-seed-2-0-lite"])
-    usage: dict[str, Any] | None = Field(
-        None, description="A Chat Completions or Responses API usage object."
-    )
-    input_tokens: int | None = None
-    cached_tokens: int | None = None
-    output_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    occurred_at: dt.datetime | None = Field(None, description="Default: when we received it.")
-    outcome: Literal["completed", "failed", "client_disconnected"] | None = "completed"
-
-
-class UsageBatchIn(BaseModel):
-    events: list[UsageEventIn] = Field(max_length=usage_events.MAX_BATCH)
-
-
-class UsageRejection(BaseModel):
-    index: int
-    request_id: str | None
-    error: schemas.ErrorDetail
-
-
-class UsageAccepted(BaseModel):
-    object: Literal["usage_report"] = "usage_report"
-    accepted: int
-    duplicates: int
-    rejected: list[UsageRejection]
-
-
-DOC_MODELS = (UsageEventIn, UsageBatchIn)
-USAGE_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "oneOf": [
-                    {"$ref": "#/components/schemas/UsageEventIn"},
-                    {"$ref": "#/components/schemas/UsageBatchIn"},
-                ]
-            }
-        }
-    },
-}
-
-
 @gateway.before_request
 def _authenticate() -> None:
     config = settings()
@@ -96,6 +51,9 @@ def _authenticate() -> None:
         bootstrap=bootstrap.get_secret_value() if bootstrap else None,
         hmac_key=config.hmac_key,
     )
+
+
+# Authorize
 
 
 class AuthorizeIn(BaseModel):
@@ -172,11 +130,72 @@ def authorized(result: Authorization) -> dict[str, Any]:
     }
 
 
+# Usage
+
+
+class UsageEventIn(BaseModel):
+    """One request's usage. Send `usage` as the upstream reported it, or the four counts."""
+
+    request_id: str = Field(max_length=200, description="The idempotency key of the event.")
+    api_key: str | None = Field(None, description="The customer's key (or send key_id).")
+    key_id: str | None = None
+    model: str = Field(examples=["doubao-seed-2-0-lite"])
+    usage: dict[str, Any] | None = Field(
+        None, description="A Chat Completions or Responses API usage object."
+    )
+    input_tokens: int | None = None
+    cached_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    occurred_at: dt.datetime | None = Field(None, description="Default: when we received it.")
+    outcome: Literal["completed", "failed", "client_disconnected"] | None = "completed"
+
+
+class UsageBatchIn(BaseModel):
+    events: list[UsageEventIn] = Field(max_length=usage_events.MAX_BATCH)
+
+
+class UsageRejection(BaseModel):
+    index: int
+    request_id: str | None
+    error: schemas.ErrorDetail
+
+
+class UsageAccepted(BaseModel):
+    object: Literal["usage_report"] = "usage_report"
+    accepted: int
+    duplicates: int
+    rejected: list[UsageRejection]
+
+
+def report_shape(body: Any) -> Literal["event", "batch"]:
+    """``"batch"`` for ``{"events": [...]}``, else ``"event"``: how report_usage reads a body."""
+    return "batch" if isinstance(body, dict) and "events" in body else "event"
+
+
+# The body of POST /usage, for the OpenAPI document only: the view hands the raw JSON to ingest,
+# which judges each item on its own, so that one bad item is rejected in the answer instead of
+# failing the batch (as validating through these models would), and parses it only once.
+UsageReportIn = Annotated[
+    Annotated[UsageEventIn, pydantic.Tag("event")] | Annotated[UsageBatchIn, pydantic.Tag("batch")],
+    Discriminator(report_shape),
+]
+
+
+def _request_body(shape: Any) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a JSON ``shape``, generated by pydantic; the models it refers
+    to join the blueprint's components."""
+    schema = TypeAdapter(shape).json_schema(ref_template=f"{OPENAPI3_REF_PREFIX}/{{model}}")
+    for name, definition in schema.pop("$defs", {}).items():
+        gateway.components_schemas[name] = Schema(**definition)
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 @gateway.post(
     "/usage",
     tags=TAGS,
     responses={202: UsageAccepted, 409: schemas.ErrorOut},
-    openapi_extensions={"requestBody": USAGE_BODY},
+    openapi_extensions={"requestBody": _request_body(UsageReportIn)},
 )
 def report_usage() -> Response | tuple[Response, int]:
     """Report usage: one event, or `{"events": [...]}` with up to 1000.
@@ -188,7 +207,7 @@ def report_usage() -> Response | tuple[Response, int]:
     body = json_body()
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    batch = "events" in body
+    batch = report_shape(body) == "batch"
     items = body["events"] if batch else [body]
     if not isinstance(items, list):
         raise InvalidRequest("events must be a list of usage events.", param="events")
@@ -206,13 +225,57 @@ def report_usage() -> Response | tuple[Response, int]:
         "object": "usage_report",
         "accepted": result.accepted,
         "duplicates": result.duplicates,
-        "rejected": [rejection.as_dict() for rejection in result.rejected],
+        "rejected": [
+            {
+                "index": rejection.index,
+                "request_id": rejection.request_id,
+                "error": error_detail(rejection.error),
+            }
+            for rejection in result.rejected
+        ],
     }
     return jsonify(answer), 202
 
 
-@gateway.post("/violations", tags=TAGS, responses={202: schemas.ViolationReported})
-def report_violation(body: schemas.ViolationReport) -> tuple[dict[str, Any], int]:
+# Violations
+
+
+class ViolationReport(schemas.Body):
+    """A content-policy violation the gateway detected in a request made with a key."""
+
+    request_id: str = Field(
+        min_length=1, max_length=200, description="The request; a repeat is a duplicate."
+    )
+    api_key: str | None = Field(None, description="The customer's key (or send key_id).")
+    key_id: str | None = None
+    category: str = Field(min_length=1, max_length=64, examples=["violence"])
+    detail: str | None = Field(None, max_length=2000)
+
+
+class ViolationReported(BaseModel):
+    object: Literal["violation"] = "violation"
+    id: int
+    key_id: str
+    state: str = Field(description="The key's state after the report.")
+    suspended: bool = Field(
+        description="The key is suspended for violations (its state is `suspended` unless a "
+        "state of higher precedence, such as `revoked`, applies)."
+    )
+    duplicate: bool = Field(description="This request id was already reported for this key.")
+
+
+def violation_reported(result: Reported, *, now: dt.datetime) -> ViolationReported:
+    return ViolationReported(
+        id=result.violation.id,
+        key_id=result.key.id,
+        state=result.key.state_at(now),
+        suspended=result.key.suspended_at is not None,
+        duplicate=result.duplicate,
+    )
+
+
+@gateway.post("/violations", tags=TAGS, responses={202: ViolationReported})
+def report_violation(body: ViolationReport) -> tuple[dict[str, Any], int]:
     """Report a content-policy violation in a request made with a key.
 
     Every report is recorded; when the key's violations within the configured window reach the
@@ -235,11 +298,55 @@ def report_violation(body: schemas.ViolationReport) -> tuple[dict[str, Any], int
         hmac_key=config.hmac_key,
         now=at,
     )
-    return render.violation_reported(result, now=at).model_dump(mode="json"), 202
+    return violation_reported(result, now=at).model_dump(mode="json"), 202
 
 
-@gateway.get("/key-states", tags=TAGS, responses={200: schemas.KeyStateFeed})
-def key_states(query: schemas.KeyStateFeedQuery) -> dict[str, Any]:
+# The key-state feed
+
+
+class KeyStateFeedQuery(BaseModel):
+    limit: int = Field(100, ge=1, le=1000, description="Changes per page (1-1000).")
+    cursor: str | None = Field(
+        None, description="The `next_cursor` of the previous page; omitted: from the beginning."
+    )
+
+
+class KeyStateChangeOut(BaseModel):
+    object: Literal["key_state_change"] = "key_state_change"
+    id: int
+    key_id: str
+    account_id: str
+    old_state: str | None
+    new_state: str
+    http_status: int
+    reason: str
+    changed_at: dt.datetime
+
+
+class KeyStateFeed(BaseModel):
+    """Key-state changes in order. `next_cursor` is never null: it is where to resume."""
+
+    object: Literal["list"] = "list"
+    data: list[KeyStateChangeOut]
+    next_cursor: str
+    has_more: bool = Field(description="True: fetch the next page now; false: poll later.")
+
+
+def key_state_change(row: KeyStateChange, account_id: str) -> KeyStateChangeOut:
+    return KeyStateChangeOut(
+        id=row.id,
+        key_id=row.key_id,
+        account_id=account_id,
+        old_state=row.old_state,
+        new_state=row.new_state,
+        http_status=ENFORCEMENT[KeyState(row.new_state)].http_status,
+        reason=row.reason,
+        changed_at=row.created_at,
+    )
+
+
+@gateway.get("/key-states", tags=TAGS, responses={200: KeyStateFeed})
+def key_states(query: KeyStateFeedQuery) -> dict[str, Any]:
     """Key-state changes after `cursor`, oldest first: catch up on missed webhooks.
 
     A change is listed once it is a minute old (so that a change still committing is never
@@ -252,7 +359,7 @@ def key_states(query: schemas.KeyStateFeedQuery) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
-            render.key_state_change(change, account_id).model_dump(mode="json")
+            key_state_change(change, account_id).model_dump(mode="json")
             for change, account_id in rows
         ],
         "next_cursor": schemas.encode_cursor(position),

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import request
 from flask_openapi3 import APIBlueprint, Tag
+from pydantic import BaseModel
 
 from billing.api import schemas
 from billing.api.context import now, session, settings
@@ -26,7 +27,15 @@ stripe_webhook = APIBlueprint(
 STRIPE = [Tag(name="Stripe")]
 
 
-@stripe_webhook.post("/stripe/webhook", tags=STRIPE, responses={200: schemas.StripeWebhookOut})
+class StripeWebhookOut(BaseModel):
+    """A Stripe event received: applied now, or a duplicate of one applied before."""
+
+    received: bool
+    id: str
+    duplicate: bool
+
+
+@stripe_webhook.post("/stripe/webhook", tags=STRIPE, responses={200: StripeWebhookOut})
 def receive_stripe_event() -> dict[str, Any]:
     """Apply a Stripe event signed with the endpoint's secret (`Stripe-Signature`), once."""
     config = settings()

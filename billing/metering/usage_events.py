@@ -167,11 +167,6 @@ class Rejection:
     request_id: str | None
     error: BillingError
 
-    def as_dict(self) -> dict[str, Any]:
-        """The item as the API reports it."""
-        error = {"message": self.error.message, "code": self.error.code, "param": self.error.param}
-        return {"index": self.index, "request_id": self.request_id, "error": error}
-
 
 @dataclass
 class IngestResult:
