@@ -35,6 +35,8 @@ web = Blueprint(
     static_folder="static",
     static_url_path="/static",
 )
+# Every POST to the page carries the session's CSRF token; nothing outside /billing is checked.
+web.before_request(access.check_csrf)
 
 CHART_DAYS = 30
 LEDGER_ROWS = 20
@@ -56,7 +58,8 @@ def _usd_filter(nanos: Nanos) -> str:
 
 @web.context_processor
 def _page_globals() -> dict[str, Any]:
-    return {"csrf_token": access.csrf_token, "csrf_field": access.CSRF_FIELD}
+    # csrf_token() itself is Flask-WTF's template global.
+    return {"csrf_field": access.CSRF_FIELD}
 
 
 @web.after_request
@@ -94,7 +97,6 @@ def page() -> ResponseReturnValue:
 @web.post("/sign-in")
 def sign_in() -> ResponseReturnValue:
     """Sign in with an API key; a bad key shows the form again with the reason."""
-    access.check_csrf()
     secret = request.form.get("api_key", "")
     if not secret.strip():
         return render_template("billing/sign_in.html", error="Enter your API key."), 400
@@ -111,7 +113,6 @@ def sign_in() -> ResponseReturnValue:
 @web.post("/sign-out")
 def sign_out() -> ResponseReturnValue:
     """Forget the sign-in."""
-    access.check_csrf()
     access.sign_out()
     return redirect(url_for("web.page"), code=303)
 
@@ -119,7 +120,6 @@ def sign_out() -> ResponseReturnValue:
 @web.post("/top-up")
 def top_up() -> ResponseReturnValue:
     """Start a top-up: the card form (PaymentIntent mode) or a redirect to Stripe Checkout."""
-    access.check_csrf()
     signed = access.signed_in(session(), now=now())
     if signed is None:
         return redirect(url_for("web.page"), code=303)
@@ -147,7 +147,6 @@ def top_up() -> ResponseReturnValue:
 def pay_with_card(payment_id: str) -> ResponseReturnValue:
     """Pay a started top-up with the card token Stripe.js made on the pay page; answers the
     PaymentIntent's status (``requires_action``: the page lets Stripe.js authenticate it)."""
-    access.check_csrf()
     signed = access.signed_in(session(), now=now())
     if signed is None:
         return jsonify({"error": "Not signed in."}), 401
