@@ -46,6 +46,13 @@ class CsrfRefused(InvalidRequest):
     code = "csrf_failed"
 
 
+class NotSignedIn(BillingError):
+    """The page's session is not signed in, or its key may no longer sign in."""
+
+    status = 401
+    code = "not_signed_in"
+
+
 class TooManySignIns(BillingError):
     """Too many sign-in attempts from one client IP within the window."""
 
@@ -189,6 +196,14 @@ def signed_in(db: Session, *, now: dt.datetime) -> SignIn | None:
         sign_out()
         return None
     return SignIn(key=key, account_id=key.account_id)
+
+
+def require_sign_in(db: Session, *, now: dt.datetime) -> SignIn:
+    """The session's sign-in, as :func:`signed_in`; raises NotSignedIn if there is none."""
+    signed = signed_in(db, now=now)
+    if signed is None:
+        raise NotSignedIn("Not signed in.")
+    return signed
 
 
 def sign_out() -> None:

@@ -2,7 +2,8 @@
 usage of the last 30 days and recent ledger entries, and top up with Stripe.
 
 Views parse the form, call one domain function and render a template. Domain errors are shown
-on the page (not as JSON) with their HTTP status.
+on the page with their HTTP status, except on the endpoints the page's scripts call
+(``JSON_ENDPOINTS``): those answer in the API's error shape (``billing.api.errors``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from billing.accounts import keys
 from billing.accounts.accounts import Account, get_account
+from billing.api import errors
 from billing.api.context import now, session, settings
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, parse_usd
@@ -49,6 +51,8 @@ STATE_LABELS = {
     keys.KeyState.DISABLED: "Disabled (401)",
     keys.KeyState.REVOKED: "Revoked (401)",
 }
+# Called by the page's scripts, which show ``error.message`` of a failure beside the form.
+JSON_ENDPOINTS = frozenset({"web.pay_with_card", "web.balance"})
 
 
 @web.app_template_filter("usd")
@@ -147,23 +151,18 @@ def top_up() -> ResponseReturnValue:
 def pay_with_card(payment_id: str) -> ResponseReturnValue:
     """Pay a started top-up with the card token Stripe.js made on the pay page; answers the
     PaymentIntent's status (``requires_action``: the page lets Stripe.js authenticate it)."""
-    signed = access.signed_in(session(), now=now())
-    if signed is None:
-        return jsonify({"error": "Not signed in."}), 401
+    signed = access.require_sign_in(session(), now=now())
     token = request.form.get("token", "")
     if not token.startswith("tok_"):
-        return jsonify({"error": "token must be a card token made by Stripe.js."}), 400
-    try:
-        intent = payments.pay_top_up(
-            session(),
-            account_id=signed.account_id,
-            payment_id=payment_id,
-            token=token,
-            settings=settings(),
-            now=now(),
-        )
-    except BillingError as exc:  # the page's script shows the message beside the card form
-        return jsonify({"error": exc.message}), exc.status
+        raise InvalidRequest("token must be a card token made by Stripe.js.", param="token")
+    intent = payments.pay_top_up(
+        session(),
+        account_id=signed.account_id,
+        payment_id=payment_id,
+        token=token,
+        settings=settings(),
+        now=now(),
+    )
     return jsonify({"status": intent.get("status")})
 
 
@@ -171,9 +170,7 @@ def pay_with_card(payment_id: str) -> ResponseReturnValue:
 def balance() -> ResponseReturnValue:
     """The signed-in account's amounts and key states as JSON; with ``?payment=<id>`` also that
     payment's status (the pay page polls it until the webhook has credited the payment)."""
-    signed = access.signed_in(session(), now=now())
-    if signed is None:
-        return jsonify({"error": "Not signed in."}), 401
+    signed = access.require_sign_in(session(), now=now())
     account = get_account(session(), signed.account_id)
     moment = now()
     body: dict[str, Any] = {
@@ -185,10 +182,7 @@ def balance() -> ResponseReturnValue:
     }
     payment_id = request.args.get("payment")
     if payment_id:
-        try:
-            payment = payments.get_payment(session(), account_id=account.id, payment_id=payment_id)
-        except payments.PaymentNotFound as exc:
-            return jsonify({"error": exc.message}), 404
+        payment = payments.get_payment(session(), account_id=account.id, payment_id=payment_id)
         body["payment"] = {
             "id": payment.id,
             "status": payment.status,
@@ -253,7 +247,9 @@ def _account_page(signed: access.SignIn, *, error: str | None = None) -> str:
 
 
 @web.errorhandler(BillingError)
-def _billing_error(exc: BillingError) -> tuple[str, int, dict[str, str]]:
+def _billing_error(exc: BillingError) -> ResponseReturnValue:
+    if request.endpoint in JSON_ENDPOINTS:
+        return errors.billing_error_response(exc)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
     if isinstance(exc, access.CsrfRefused | access.TooManySignIns):
         return render_template("billing/error.html", message=exc.message), exc.status, headers
