@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from billing.access.audit import AuditEntry
 from billing.notify import webhooks
-from tests.support import assert_error
 from tests.notify.conftest import Receiver, new_account, new_key, register
+from tests.support import assert_error
 
 ENDPOINTS = "/admin/v1/webhook-endpoints"
 ALL_TYPES = [

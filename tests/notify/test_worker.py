@@ -19,7 +19,6 @@ from sqlalchemy import Engine
 from billing.app import create_app
 from billing.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, start_worker
-from tests.support import client_with
 from tests.notify.conftest import (
     Received,
     Receiver,
@@ -28,6 +27,7 @@ from tests.notify.conftest import (
     new_key,
     register,
 )
+from tests.support import client_with
 
 
 @pytest.fixture(scope="module")
