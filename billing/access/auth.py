@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hmac
-import time
+import threading
 from collections.abc import Callable
 
+from cachetools import TTLCache
 from sqlalchemy import CheckConstraint, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -102,11 +103,12 @@ def authenticate(
 class ActorCache:
     """Authentications remembered for ``ttl`` seconds, so that a hot route (authorize) does not
     query PostgreSQL per request. A revoked token is refused at once by the process that revoked
-    it (``clear``) and within ``ttl`` seconds by the others."""
+    it (``clear``) and within ``ttl`` seconds by the others. At most ``maxsize`` tokens are
+    remembered (the least recently used go first); one process's request threads share it."""
 
-    def __init__(self, ttl: float = 10.0) -> None:
-        self.ttl = ttl
-        self._actors: dict[tuple[Role, str], tuple[float, str]] = {}
+    def __init__(self, ttl: float = 10.0, maxsize: int = 1024) -> None:
+        self._actors: TTLCache[tuple[Role, str], str] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._lock = threading.Lock()
 
     def authenticate(
         self,
@@ -125,17 +127,21 @@ class ActorCache:
             session(), presented, role=role, bootstrap=bootstrap, hmac_key=hmac_key
         )
         assert presented is not None
-        self._actors[(role, presented)] = (time.monotonic() + self.ttl, actor)
+        with self._lock:
+            self._actors[(role, presented)] = actor
         return actor
 
     def cached(self, presented: str | None, *, role: Role) -> str | None:
         """The actor behind ``presented`` if it was accepted within ``ttl`` seconds, else None."""
-        cached = self._actors.get((role, presented)) if presented else None
-        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+        if not presented:
+            return None
+        with self._lock:
+            return self._actors.get((role, presented))
 
     def clear(self) -> None:
         """Forget every remembered authentication (after a revocation)."""
-        self._actors.clear()
+        with self._lock:
+            self._actors.clear()
 
 
 class TokenNotFound(NotFound):

@@ -60,7 +60,7 @@ def validation_error_response(exc: ValidationError) -> Response:
         try:
             json_body()
         except InvalidJson as invalid:
-            return _billing_error(invalid)
+            return billing_error_response(invalid)
     error = exc.errors(include_url=False)[0]
     location = [str(part) for part in error["loc"]]
     param = ".".join(location) or None
@@ -90,7 +90,8 @@ def json_body() -> Any:
         raise InvalidJson("The request body is not valid JSON.") from None
 
 
-def _billing_error(exc: BillingError) -> Response:
+def billing_error_response(exc: BillingError) -> Response:
+    """The OpenAI-shaped response of a domain error, with ``Retry-After`` when it says when."""
     response = error_response(
         exc.status, exc.message, code=exc.code, type_=exc.type, param=exc.param
     )
@@ -139,7 +140,7 @@ def _unexpected(exc: Exception) -> Response:
 
 def register_error_handlers(app: Flask) -> None:
     """Route every failure through the renderers above."""
-    app.register_error_handler(BillingError, _billing_error)
+    app.register_error_handler(BillingError, billing_error_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(OperationalError, _database_unavailable)
     app.register_error_handler(Exception, _unexpected)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from cachetools import LRUCache
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -399,9 +401,10 @@ def _judge_repeat(
 
 
 # A key never changes account, so the account of a key id, once read, is known for good (a
-# secret is not: rotation retires it). Bounded, and simply emptied when full.
-_ACCOUNT_OF_KEY: dict[str, str] = {}
-_ACCOUNT_OF_KEY_LIMIT = 100_000
+# secret is not: rotation retires it). Bounded: the least recently used go first. Request
+# threads share it, hence the lock.
+_ACCOUNT_OF_KEY: LRUCache[str, str] = LRUCache(maxsize=100_000)
+_ACCOUNT_OF_KEY_LOCK = threading.Lock()
 
 
 def _resolve_keys(
@@ -411,8 +414,10 @@ def _resolve_keys(
     secrets = {draft.key_secret for draft in drafts if draft.key_secret}
     by_hash = {keyed_hash(hmac_key, secret): secret for secret in secrets}
     ids = {draft.key_id for draft in drafts if draft.key_id}
-    unknown = ids.difference(_ACCOUNT_OF_KEY)
-    owners = {key_id: (key_id, _ACCOUNT_OF_KEY[key_id]) for key_id in ids - unknown}
+    with _ACCOUNT_OF_KEY_LOCK:
+        known = {key_id: _ACCOUNT_OF_KEY.get(key_id) for key_id in ids}
+    owners = {key_id: (key_id, account) for key_id, account in known.items() if account is not None}
+    unknown = ids.difference(owners)
     if not by_hash and not unknown:
         return owners
     rows = session.execute(
@@ -420,14 +425,15 @@ def _resolve_keys(
             ApiKey.key_hash.in_(by_hash) | ApiKey.id.in_(unknown)
         )
     )
-    if len(_ACCOUNT_OF_KEY) > _ACCOUNT_OF_KEY_LIMIT:
-        _ACCOUNT_OF_KEY.clear()
+    learned = {}
     for key_id, account_id, key_hash in rows:
         if key_hash in by_hash:
             owners[by_hash[key_hash]] = (key_id, account_id)
         if key_id in ids:
             owners[key_id] = (key_id, account_id)
-            _ACCOUNT_OF_KEY[key_id] = account_id
+            learned[key_id] = account_id
+    with _ACCOUNT_OF_KEY_LOCK:
+        _ACCOUNT_OF_KEY.update(learned)
     return owners
 
 

@@ -4,8 +4,9 @@
   signed cookie, HttpOnly, SameSite=Lax, Secure unless configured otherwise, limited to
   ``/billing``) holds the key's id, the account's id and when the sign-in happened. Every request
   re-reads the key, so revoking, disabling or expiring it signs the page out too.
-- Every form carries a CSRF token (one per session, compared in constant time); a POST without
-  the right one is refused with 400 and changes nothing.
+- Every form carries a CSRF token (Flask-WTF's, signed and tied to the session); a POST to the
+  page without the right one is refused with 400 and changes nothing. Only the page is checked:
+  the APIs authenticate each request with a bearer token or a signature, not a cookie.
 - Sign-in attempts are rate-limited per client IP with the `limits` library: in memory on the
   embedded default, in Redis when ``REDIS_URL`` is set (so every API process shares the window).
 """
@@ -16,11 +17,11 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
-from flask import Flask, current_app, request, session
+from flask import Flask, current_app, g, request, session
+from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf  # type: ignore[import-untyped]
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage, RedisStorage, Storage
 from limits.strategies import MovingWindowRateLimiter
@@ -36,11 +37,20 @@ COOKIE_NAME = "billing_session"
 COOKIE_PATH = "/billing"
 CSRF_FIELD = "csrf_token"
 
+csrf = CSRFProtect()
+
 
 class CsrfRefused(InvalidRequest):
     """A form was posted without this session's CSRF token."""
 
     code = "csrf_failed"
+
+
+class NotSignedIn(BillingError):
+    """The page's session is not signed in, or its key may no longer sign in."""
+
+    status = 401
+    code = "not_signed_in"
 
 
 class TooManySignIns(BillingError):
@@ -75,7 +85,14 @@ def init_app(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.session_cookie_secure,
         PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=settings.billing_session_hours),
+        # The page checks its own posts (check_csrf); the APIs are never checked.
+        WTF_CSRF_CHECK_DEFAULT=False,
+        WTF_CSRF_FIELD_NAME=CSRF_FIELD,
+        # A token is good for as long as its session, and needs no Referer header on HTTPS.
+        WTF_CSRF_TIME_LIMIT=None,
+        WTF_CSRF_SSL_STRICT=False,
     )
+    csrf.init_app(app)
     storage: Storage
     if settings.redis_url:
         storage = RedisStorage(
@@ -128,24 +145,22 @@ def limiter() -> SignInLimiter:
     return current_app.extensions["billing_web_limiter"]  # type: ignore[no-any-return]
 
 
-def csrf_token() -> str:
-    """This session's CSRF token, created on first use."""
-    token = session.get(CSRF_FIELD)
-    if not isinstance(token, str):
-        token = secrets.token_urlsafe(32)
-        session[CSRF_FIELD] = token
-    return token
-
-
 def check_csrf() -> None:
-    """Raise CsrfRefused unless the posted form carries this session's CSRF token."""
-    expected = session.get(CSRF_FIELD)
-    sent = request.form.get(CSRF_FIELD, "")
-    if not isinstance(expected, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
+    """Raise CsrfRefused unless a POST carries this session's CSRF token: the form field
+    ``csrf_token``, or the header ``X-CSRFToken`` (Flask-WTF's ``CSRFProtect``)."""
+    try:
+        csrf.protect()
+    except CSRFError as refused:
         raise CsrfRefused(
             "This form has expired or did not come from this page. Reload the page and try again.",
             param=CSRF_FIELD,
-        )
+        ) from refused
+
+
+def _new_csrf_token() -> None:
+    """Give the (just cleared) session a new CSRF token."""
+    g.pop(CSRF_FIELD, None)  # generate_csrf keeps the request's token in g: not the old one
+    generate_csrf()
 
 
 def sign_in(db: Session, secret: str, *, settings: Settings, now: dt.datetime) -> SignIn:
@@ -162,7 +177,7 @@ def sign_in(db: Session, secret: str, *, settings: Settings, now: dt.datetime) -
     session.clear()
     session.permanent = True
     session.update(key_id=key.id, account_id=key.account_id, signed_in_at=now.timestamp())
-    csrf_token()
+    _new_csrf_token()
     return SignIn(key=key, account_id=key.account_id)
 
 
@@ -183,7 +198,15 @@ def signed_in(db: Session, *, now: dt.datetime) -> SignIn | None:
     return SignIn(key=key, account_id=key.account_id)
 
 
+def require_sign_in(db: Session, *, now: dt.datetime) -> SignIn:
+    """The session's sign-in, as :func:`signed_in`; raises NotSignedIn if there is none."""
+    signed = signed_in(db, now=now)
+    if signed is None:
+        raise NotSignedIn("Not signed in.")
+    return signed
+
+
 def sign_out() -> None:
-    """Forget the sign-in, keeping a CSRF token for the sign-in form."""
+    """Forget the sign-in, keeping a (new) CSRF token for the sign-in form."""
     session.clear()
-    csrf_token()
+    _new_csrf_token()

@@ -2,7 +2,8 @@
 usage of the last 30 days and recent ledger entries, and top up with Stripe.
 
 Views parse the form, call one domain function and render a template. Domain errors are shown
-on the page (not as JSON) with their HTTP status.
+on the page with their HTTP status, except on the endpoints the page's scripts call
+(``JSON_ENDPOINTS``): those answer in the API's error shape (``billing.api.errors``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from billing.accounts import keys
 from billing.accounts.accounts import Account, get_account
 from billing.accounts.key_states import KeyState
+from billing.api import errors
 from billing.api.context import now, session, settings
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, parse_usd
@@ -35,6 +37,8 @@ web = Blueprint(
     static_folder="static",
     static_url_path="/static",
 )
+# Every POST to the page carries the session's CSRF token; nothing outside /billing is checked.
+web.before_request(access.check_csrf)
 
 CHART_DAYS = 30
 LEDGER_ROWS = 20
@@ -47,6 +51,8 @@ STATE_LABELS = {
     KeyState.DISABLED: "Disabled (401)",
     KeyState.REVOKED: "Revoked (401)",
 }
+# Called by the page's scripts, which show ``error.message`` of a failure beside the form.
+JSON_ENDPOINTS = frozenset({"web.pay_with_card", "web.balance"})
 
 
 @web.app_template_filter("usd")
@@ -56,7 +62,8 @@ def _usd_filter(nanos: Nanos) -> str:
 
 @web.context_processor
 def _page_globals() -> dict[str, Any]:
-    return {"csrf_token": access.csrf_token, "csrf_field": access.CSRF_FIELD}
+    # csrf_token() itself is Flask-WTF's template global.
+    return {"csrf_field": access.CSRF_FIELD}
 
 
 @web.after_request
@@ -94,7 +101,6 @@ def page() -> ResponseReturnValue:
 @web.post("/sign-in")
 def sign_in() -> ResponseReturnValue:
     """Sign in with an API key; a bad key shows the form again with the reason."""
-    access.check_csrf()
     secret = request.form.get("api_key", "")
     if not secret.strip():
         return render_template("billing/sign_in.html", error="Enter your API key."), 400
@@ -111,7 +117,6 @@ def sign_in() -> ResponseReturnValue:
 @web.post("/sign-out")
 def sign_out() -> ResponseReturnValue:
     """Forget the sign-in."""
-    access.check_csrf()
     access.sign_out()
     return redirect(url_for("web.page"), code=303)
 
@@ -119,7 +124,6 @@ def sign_out() -> ResponseReturnValue:
 @web.post("/top-up")
 def top_up() -> ResponseReturnValue:
     """Start a top-up: the card form (PaymentIntent mode) or a redirect to Stripe Checkout."""
-    access.check_csrf()
     signed = access.signed_in(session(), now=now())
     if signed is None:
         return redirect(url_for("web.page"), code=303)
@@ -147,24 +151,18 @@ def top_up() -> ResponseReturnValue:
 def pay_with_card(payment_id: str) -> ResponseReturnValue:
     """Pay a started top-up with the card token Stripe.js made on the pay page; answers the
     PaymentIntent's status (``requires_action``: the page lets Stripe.js authenticate it)."""
-    access.check_csrf()
-    signed = access.signed_in(session(), now=now())
-    if signed is None:
-        return jsonify({"error": "Not signed in."}), 401
+    signed = access.require_sign_in(session(), now=now())
     token = request.form.get("token", "")
     if not token.startswith("tok_"):
-        return jsonify({"error": "token must be a card token made by Stripe.js."}), 400
-    try:
-        intent = top_ups.pay_top_up(
-            session(),
-            account_id=signed.account_id,
-            payment_id=payment_id,
-            token=token,
-            settings=settings(),
-            now=now(),
-        )
-    except BillingError as exc:  # the page's script shows the message beside the card form
-        return jsonify({"error": exc.message}), exc.status
+        raise InvalidRequest("token must be a card token made by Stripe.js.", param="token")
+    intent = top_ups.pay_top_up(
+        session(),
+        account_id=signed.account_id,
+        payment_id=payment_id,
+        token=token,
+        settings=settings(),
+        now=now(),
+    )
     return jsonify({"status": intent.get("status")})
 
 
@@ -172,9 +170,7 @@ def pay_with_card(payment_id: str) -> ResponseReturnValue:
 def balance() -> ResponseReturnValue:
     """The signed-in account's amounts and key states as JSON; with ``?payment=<id>`` also that
     payment's status (the pay page polls it until the webhook has credited the payment)."""
-    signed = access.signed_in(session(), now=now())
-    if signed is None:
-        return jsonify({"error": "Not signed in."}), 401
+    signed = access.require_sign_in(session(), now=now())
     account = get_account(session(), signed.account_id)
     moment = now()
     body: dict[str, Any] = {
@@ -186,10 +182,7 @@ def balance() -> ResponseReturnValue:
     }
     payment_id = request.args.get("payment")
     if payment_id:
-        try:
-            payment = top_ups.get_payment(session(), account_id=account.id, payment_id=payment_id)
-        except top_ups.PaymentNotFound as exc:
-            return jsonify({"error": exc.message}), 404
+        payment = top_ups.get_payment(session(), account_id=account.id, payment_id=payment_id)
         body["payment"] = {
             "id": payment.id,
             "status": payment.status,
@@ -248,7 +241,9 @@ def _account_page(signed: access.SignIn, *, error: str | None = None) -> str:
 
 
 @web.errorhandler(BillingError)
-def _billing_error(exc: BillingError) -> tuple[str, int, dict[str, str]]:
+def _billing_error(exc: BillingError) -> ResponseReturnValue:
+    if request.endpoint in JSON_ENDPOINTS:
+        return errors.billing_error_response(exc)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
     if isinstance(exc, access.CsrfRefused | access.TooManySignIns):
         return render_template("billing/error.html", message=exc.message), exc.status, headers

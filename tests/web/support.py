@@ -11,6 +11,8 @@ import requests
 from flask.testing import FlaskClient
 from playwright.sync_api import Page
 
+from tests.support import ERROR_KEYS
+
 # The shipped price table, and seed 002's Responses API usage (88 in, 230 out of which 211
 # reasoning): 88 x $1.49/M + 230 x $6.99/M = $0.00173882 on doubao-seed-2-0-code.
 CODE, LITE, MINI = "doubao-seed-2-0-code", "doubao-seed-2-0-lite", "doubao-seed-2-0-mini"
@@ -80,3 +82,20 @@ def csrf_of(response: requests.Response) -> str:
     found = CSRF.search(response.text)
     assert found, response.text
     return found.group(1)
+
+
+def assert_json_error(
+    response: requests.Response, status: int, code: str, param: str | None = None
+) -> dict[str, Any]:
+    """``response`` is the API's error shape, ``{"error": {"message", "type", "param", "code"}}``,
+    with this status and code (naming ``param`` if given)."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json", response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == ERROR_KEYS
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    return body["error"]  # type: ignore[no-any-return]

@@ -22,6 +22,7 @@ from tests.web.support import (
     CODE,
     LITE,
     SEED_002,
+    assert_json_error,
     csrf_of,
     customer,
     sign_in,
@@ -280,6 +281,30 @@ def test_a_revoked_key_signs_the_page_out(
     assert page.request.get(f"{live_server}/billing/balance").status == 401
 
 
+def test_the_json_endpoints_answer_errors_in_the_api_shape(
+    live_server: str, admin_api: FlaskClient
+) -> None:
+    client = support.browser_like()
+    refused = client.get(f"{live_server}/billing/balance")
+    assert_json_error(refused, 401, "not_signed_in")
+    assert refused.headers["Cache-Control"] == "no-store"
+    token = csrf_of(client.get(f"{live_server}/billing"))
+    client.post(
+        f"{live_server}/billing/sign-in",
+        data={"api_key": customer(admin_api).secret, "csrf_token": token},
+    )
+    assert_json_error(
+        client.get(f"{live_server}/billing/balance?payment=pay_nobody"), 404, "not_found"
+    )
+    # The page's scripts may send the CSRF token as a header instead of a form field.
+    unknown = client.post(
+        f"{live_server}/billing/top-up/pay_nobody/card",
+        data={"token": "tok_x"},
+        headers={"X-CSRFToken": csrf_of(client.get(f"{live_server}/billing"))},
+    )
+    assert_json_error(unknown, 404, "not_found")
+
+
 def test_back_from_paying_the_page_shows_the_payment_until_it_is_credited(
     page: Page, live_server: str, admin_api: FlaskClient, committed_web: Engine
 ) -> None:
@@ -333,24 +358,23 @@ def test_paying_with_a_card_refuses_bad_tokens_other_accounts_and_declined_cards
         return client, f"{live_server}{url[1]}", csrf_of(pay)
 
     client, pay_url, token = started_top_up(customer(admin_api).secret)
-    for fields, status in (
-        ({"token": "tok_x"}, 400),  # no CSRF token: refused before anything else
-        ({"csrf_token": token}, 400),
-        ({"csrf_token": token, "token": "pm_not_a_token"}, 400),
+    for fields, code in (
+        ({"token": "tok_x"}, "csrf_failed"),  # no CSRF token: refused before anything else
+        ({"csrf_token": token}, "invalid_request"),
+        ({"csrf_token": token, "token": "pm_not_a_token"}, "invalid_request"),
     ):
-        assert client.post(pay_url, data=fields).status_code == status
+        assert_json_error(client.post(pay_url, data=fields), 400, code)
     # Another account's payment is not found for this session.
     other, _, other_csrf = started_top_up(customer(admin_api).secret)
     card = _card_token(localstripe_url, "4242424242424242")
     refused = other.post(pay_url, data={"csrf_token": other_csrf, "token": card})
-    assert refused.status_code == 404
+    assert_json_error(refused, 404, "not_found")
     # A declined card (Stripe's test card 4000 0000 0000 0002) is answered 402 with why.
     declined = client.post(
         pay_url,
         data={"csrf_token": token, "token": _card_token(localstripe_url, "4000000000000002")},
     )
-    assert declined.status_code == 402, declined.text
-    assert declined.json()["error"]
+    assert assert_json_error(declined, 402, "card_declined")["type"] == "card_error"
     with Session(committed_web) as db:
         statuses = set(db.scalars(select(Payment.status)))
     assert statuses == {"pending"}  # nothing credited

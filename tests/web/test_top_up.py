@@ -27,6 +27,7 @@ from tests.web.support import customer, sign_in
 
 CARD = "4242424242424242"
 CARD_WITH_3DS = "4000002500003155"
+CARD_DECLINED = "4000000000000002"
 
 
 def test_a_402_customer_tops_up_20_dollars_by_card_and_sees_the_credit(
@@ -124,6 +125,21 @@ def test_a_card_that_asks_for_3d_secure_is_authenticated_through_stripe_js(
         localstripe_url, _client_secret(page).split("_secret_")[0], "succeeded"
     )
     assert intent["amount"] == 2000
+
+
+def test_a_declined_card_shows_why_beside_the_card_form(
+    page: Page, live_server: str, admin_api: FlaskClient
+) -> None:
+    sign_in(page, live_server, customer(admin_api, credit_usd=None).secret)
+    page.get_by_label("$20.00").check()
+    page.get_by_role("button", name="Continue to payment").click()
+    _type_card(page, CARD_DECLINED)
+    with page.expect_response(lambda answer: answer.url.endswith("/card")) as answer:
+        page.get_by_role("button", name="Pay $20.00").click()
+
+    assert answer.value.status == 402
+    expect(page.locator("#pay-status")).to_have_text("Your card was declined.")
+    expect(page.get_by_role("button", name="Pay $20.00")).to_be_enabled()
 
 
 def _wait_for_intent(localstripe_url: str, intent_id: str, status: str) -> dict[str, Any]:

@@ -66,7 +66,8 @@
     }
     var body = await response.json().catch(function () { return {}; });
     if (!response.ok) {
-      return body.error || "The payment was not accepted.";
+      // The API's error shape: {"error": {"message", "type", "param", "code"}}.
+      return (body.error && body.error.message) || "The payment was not accepted.";
     }
     if (body.status === "requires_action") {
       var authenticated = await stripe.confirmCardPayment(form.dataset.clientSecret);
