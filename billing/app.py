@@ -17,11 +17,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from billing.api import SECURITY_SCHEMES, register
-from billing.api.errors import commit_failed
 from billing.api.hot import AuthorizeFastPath
 from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
+from billing.http.errors import commit_failed
 from billing.notify import outbox
 from billing.runtime import Runtime, current_runtime
 from billing.web import init_app as init_web

@@ -9,10 +9,10 @@ from flask_openapi3.models import SecurityScheme
 
 from billing.api.admin import admin
 from billing.api.customer import customer
-from billing.api.errors import register_error_handlers
 from billing.api.gateway import gateway
 from billing.api.ops import ops, register_docs
 from billing.api.stripe_webhook import stripe_webhook
+from billing.http.errors import register_error_handlers
 
 SECURITY_SCHEMES: dict[str, SecurityScheme | dict[str, Any]] = {
     "admin": SecurityScheme(

@@ -11,9 +11,9 @@ from flask_openapi3 import APIBlueprint, Tag
 from billing.access.auth import Unauthenticated
 from billing.accounts import keys
 from billing.api import render, schemas
-from billing.api.context import bearer_token, now, session, settings
 from billing.catalog import catalog
 from billing.core.money import NANOS_PER_CENT
+from billing.http.context import bearer_token, now, session, settings
 from billing.payments import spend
 
 customer = APIBlueprint(

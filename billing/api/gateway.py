@@ -21,12 +21,12 @@ from billing.accounts.key_states import ENFORCEMENT, KeyState
 from billing.accounts.keys import KeyStateChange
 from billing.accounts.violations import Reported
 from billing.api import schemas
-from billing.api.context import bearer_token, now, session, settings
-from billing.api.errors import error_detail, json_body
 from billing.catalog.usage import MAX_TOKENS
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd
 from billing.enforcement.authorize import Authorization, AuthorizeRequest
+from billing.http.context import bearer_token, now, session, settings
+from billing.http.errors import error_detail, json_body
 from billing.metering import usage_events
 from billing.runtime import current_runtime
 

@@ -22,11 +22,11 @@ import orjson
 from pydantic import ValidationError
 
 from billing.access.auth import Role
-from billing.api.errors import error_document
 from billing.api.gateway import AuthorizeIn, authorized
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
 from billing.enforcement.authorize import NeedsDatabase
+from billing.http.errors import error_document
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from werkzeug.wrappers import Response
 
-from billing.api.context import session
+from billing.http.context import session
 
 ops = APIBlueprint("ops", __name__)
 TAGS = [Tag(name="Operations")]

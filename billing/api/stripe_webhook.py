@@ -16,7 +16,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel
 
 from billing.api import schemas
-from billing.api.context import now, session, settings
+from billing.http.context import now, session, settings
 from billing.payments import stripe_api, stripe_events
 
 stripe_webhook = APIBlueprint(

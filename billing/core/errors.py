@@ -2,7 +2,7 @@
 
 A domain error carries what the HTTP edge needs to render it in the OpenAI error shape
 (``{"error": {"message", "type", "param", "code"}}``); rendering happens in one place,
-``billing.api.errors``. Specific errors live next to the code that raises them.
+``billing.http.errors``. Specific errors live next to the code that raises them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ usage of the last 30 days and recent ledger entries, and top up with Stripe.
 
 Views parse the form, call one domain function and render a template. Domain errors are shown
 on the page with their HTTP status, except on the endpoints the page's scripts call
-(``JSON_ENDPOINTS``): those answer in the API's error shape (``billing.api.errors``).
+(``JSON_ENDPOINTS``): those answer in the API's error shape (``billing.http.errors``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from werkzeug.exceptions import HTTPException
 from billing.accounts import keys
 from billing.accounts.accounts import Account, get_account
 from billing.accounts.key_states import KeyState
-from billing.api import errors
-from billing.api.context import now, session, settings
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, parse_usd
+from billing.http import errors
+from billing.http.context import now, session, settings
 from billing.ledger import ledger
 from billing.payments import spend, top_ups
 from billing.payments.stripe_api import StripeNotConfigured

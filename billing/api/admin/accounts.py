@@ -12,8 +12,8 @@ from billing.accounts import accounts
 from billing.accounts.accounts import Account
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import held, now, session
 from billing.core.money import format_usd
+from billing.http.context import held, now, session
 
 TAGS = [Tag(name="Accounts")]
 

@@ -12,7 +12,7 @@ from billing.access import audit
 from billing.access.audit import AuditEntry
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import session
+from billing.http.context import session
 
 TAGS = [Tag(name="Audit")]
 

@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 
 from billing.api import schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import now, session, settings
 from billing.core.money import format_usd
+from billing.http.context import now, session, settings
 from billing.payments import auto_recharge
 from billing.payments.models import AutoRecharge
 

@@ -14,7 +14,7 @@ from flask_openapi3 import APIBlueprint
 from billing.access import audit
 from billing.access.auth import Role, authenticate
 from billing.api import schemas
-from billing.api.context import bearer_token, now, session, settings
+from billing.http.context import bearer_token, now, session, settings
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
 ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}

@@ -13,7 +13,7 @@ from billing.access import auth
 from billing.access.auth import Role, ServiceToken
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import now, session, settings
+from billing.http.context import now, session, settings
 from billing.runtime import current_runtime
 
 TAGS = [Tag(name="Gateway tokens")]

@@ -16,9 +16,9 @@ from billing.accounts.keys import ApiKey
 from billing.accounts.violations import Violation
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import now, session, settings
 from billing.core.errors import InvalidRequest
 from billing.core.money import format_usd
+from billing.http.context import now, session, settings
 
 TAGS = [Tag(name="Keys")]
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel, Field
 
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import now, session
 from billing.core.money import format_usd
+from billing.http.context import now, session
 from billing.ledger import ledger
 from billing.ledger.ledger import LedgerEntry
 

@@ -9,8 +9,8 @@ from pydantic import AwareDatetime, BaseModel, Field, StrictInt
 
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import now, session
 from billing.catalog import catalog
+from billing.http.context import now, session
 
 TAGS = [Tag(name="Models and prices")]
 

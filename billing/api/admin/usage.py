@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field
 
 from billing.accounts import rollups
 from billing.api.admin.blueprint import admin
-from billing.api.context import session
 from billing.catalog.pricing import breakdown_usd
 from billing.core.money import format_usd
+from billing.http.context import session
 from billing.metering import settlement, usage_events
 from billing.metering.settlement import UnpricedModel
 from billing.metering.usage_events import UsageEvent

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
-from billing.api.context import now, session, settings
+from billing.http.context import now, session, settings
 from billing.notify import delivery, endpoints
 from billing.notify.models import (
     DeliveryStatus,
