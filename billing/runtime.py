@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.access.auth import ActorCache
-from billing.accounts.accounts import Account
+from billing.accounts.accounts import Account, Funds
 from billing.core import effects
 from billing.core.db import transaction, utcnow
 from billing.core.settings import Settings
@@ -88,15 +88,16 @@ class Runtime:
             fall_back_to_postgres=settings.authorize_when_redis_down == "postgres",
         )
 
-    def held_nanos(self, account: Account) -> int:
-        """The account's open holds: those in PostgreSQL and, if reachable, those in Redis."""
-        held = account.held_nanos
+    def funds(self, account: Account) -> Funds:
+        """The account's balance, open holds and available balance, counting the holds placed
+        through Redis when it is reachable."""
+        redis_held = 0
         if self.hotpath is not None:
             try:
-                held += self.hotpath.held_nanos(account.id)
+                redis_held = self.hotpath.held_nanos(account.id)
             except redis.RedisError:
                 log.warning("Redis unavailable: held amounts shown without its holds")
-        return held
+        return account.funds(redis_held_nanos=redis_held)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -7,6 +7,7 @@ that explains it.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, String, select
 from sqlalchemy.ext.hybrid import hybrid_property
@@ -43,6 +44,25 @@ class Account(Base):
         through Redis are subtracted where they count (``Runtime.funds``, the Redis script).
         """
         return self.balance_nanos - self.held_nanos
+
+    def funds(self, *, redis_held_nanos: Nanos = 0) -> Funds:
+        """The balance, the open holds (PostgreSQL's and ``redis_held_nanos``, those placed
+        through Redis) and what is available after them."""
+        return Funds(
+            self.balance_nanos,
+            self.held_nanos + redis_held_nanos,
+            self.available_nanos - redis_held_nanos,
+        )
+
+
+@dataclass(frozen=True)
+class Funds:
+    """An account's money as operators and customers see it."""
+
+    balance_nanos: Nanos
+    held_nanos: Nanos
+    """Every open hold counted: PostgreSQL's, and Redis's where it was reachable."""
+    available_nanos: Nanos
 
 
 class AccountNotFound(NotFound):

@@ -42,8 +42,8 @@ class Enforcement:
 class KeyFacts:
     """What the state table is read against: a key's facts at one moment, in nano-dollars.
 
-    ``hold_nanos`` is the cost about to be held, ``held_nanos`` the account's open holds and
-    ``key_held_nanos`` the key's (see ``key_facts``).
+    ``hold_nanos`` is the cost about to be held, ``available_nanos`` the account's balance less
+    its open holds and ``key_held_nanos`` the key's open holds (see ``key_facts``).
     """
 
     revoked: bool
@@ -53,14 +53,13 @@ class KeyFacts:
     balance_nanos: int
     month_spend: int
     monthly_cap_nanos: int | None
-    held_nanos: int
+    available_nanos: int
     key_held_nanos: int
     hold_nanos: int
 
 
 def _balance_short(facts: KeyFacts) -> bool:
-    available = facts.balance_nanos - facts.held_nanos
-    return facts.balance_nanos <= 0 or available < facts.hold_nanos
+    return facts.balance_nanos <= 0 or facts.available_nanos < facts.hold_nanos
 
 
 def _cap_passed(facts: KeyFacts) -> bool:

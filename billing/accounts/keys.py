@@ -155,7 +155,7 @@ def key_facts(
         balance_nanos=account.balance_nanos,
         month_spend=month_spend,
         monthly_cap_nanos=key.monthly_cap_nanos,
-        held_nanos=0 if settled else account.held_nanos,
+        available_nanos=account.balance_nanos if settled else account.available_nanos,
         key_held_nanos=0 if settled else key.held_nanos,
         hold_nanos=SMALLEST_HOLD if hold_nanos is None else hold_nanos,
     )

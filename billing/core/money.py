@@ -64,6 +64,13 @@ def format_usd(nanos: Nanos) -> str:
     return f"{sign}{whole}.{frac:09d}"
 
 
+def format_dollars(nanos: Nanos) -> str:
+    """Exact USD for people: ``$20.00``, ``$0.00173882``, ``-$1,234.50`` (no digit is dropped)."""
+    whole, frac = format_usd(abs(nanos)).split(".")
+    frac = frac.rstrip("0").ljust(2, "0")
+    return f"{'-' if nanos < 0 else ''}${int(whole):,}.{frac}"
+
+
 def format_femto_usd(femtos: int) -> str:
     """Render an exact femto-dollar amount (a priced component) as a USD decimal string."""
     sign = "-" if femtos < 0 else ""

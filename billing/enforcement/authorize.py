@@ -219,7 +219,7 @@ class PostgresHolds:
             return Verdict(verdict, key.id, key.account_id, key.rate_limit or "", available)
 
         account = session.get_one(Account, key.account_id)
-        available = account.balance_nanos - account.held_nanos
+        available = account.available_nanos
         spend = 0
         if key.monthly_cap_nanos is not None:
             spend = rollups.month_spend(session, [key.id], now=now).get(key.id, 0)

@@ -12,7 +12,7 @@ from billing.core.db import utcnow
 from billing.runtime import current_runtime
 
 if TYPE_CHECKING:
-    from billing.accounts.accounts import Account
+    from billing.accounts.accounts import Account, Funds
     from billing.core.settings import Settings
 
 
@@ -28,9 +28,9 @@ def session() -> Session:
     return g.db_session  # type: ignore[no-any-return]
 
 
-def held(account: Account) -> int:
-    """The account's open holds, in PostgreSQL and Redis."""
-    return current_runtime().held_nanos(account)
+def funds(account: Account) -> Funds:
+    """The account's balance, open holds (in PostgreSQL and Redis) and available balance."""
+    return current_runtime().funds(account)
 
 
 def now() -> dt.datetime:

@@ -126,7 +126,7 @@ def claim_auto_recharges(session: Session, *, now: dt.datetime) -> list[str]:
         .where(
             AutoRecharge.enabled.is_(True),
             AutoRecharge.payment_method_id.is_not(None),
-            Account.balance_nanos - Account.held_nanos < AutoRecharge.threshold_nanos,
+            Account.available_nanos < AutoRecharge.threshold_nanos,
         )
         .order_by(AutoRecharge.account_id)
         .with_for_update(of=AutoRecharge, skip_locked=True)

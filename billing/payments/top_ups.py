@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from billing.core.errors import InvalidRequest, NotFound
 from billing.core.ids import new_id
-from billing.core.money import Nanos, whole_cents
+from billing.core.money import Nanos, format_dollars, whole_cents
 from billing.core.settings import Settings
 from billing.payments import stripe_api
 from billing.payments.customers import ensure_customer
@@ -53,16 +53,10 @@ def check_top_up_amount(amount_nanos: Nanos, settings: Settings) -> int:
     low, high = top_up_limits(settings)
     if not low <= amount_nanos <= high:
         raise InvalidRequest(
-            f"The amount must be between {_dollars(low)} and {_dollars(high)}.",
+            f"The amount must be between {format_dollars(low)} and {format_dollars(high)}.",
             param="amount_usd",
         )
     return nanos_to_cents(amount_nanos)
-
-
-def _dollars(nanos: Nanos) -> str:
-    # The limits are whole cents (settings check it), so this is exact: $1,000.00.
-    dollars, cents = divmod(nanos_to_cents(nanos), 100)
-    return f"${dollars:,}.{cents:02d}"
 
 
 def start_top_up(

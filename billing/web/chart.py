@@ -13,21 +13,13 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-from billing.core.money import Nanos, format_usd
+from billing.core.money import Nanos, format_dollars
 from billing.payments.spend import DailyCost
 
 # Okabe-Ito: told apart by readers with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 WIDTH, HEIGHT = 720, 260
 LEFT, RIGHT, TOP, BOTTOM = 64, 8, 12, 28
-
-
-def usd(nanos: Nanos) -> str:
-    """Exact USD for people: ``$20.00``, ``$0.00173882``, ``-$1,234.50`` (no digit is dropped)."""
-    text = format_usd(abs(nanos))
-    whole, frac = text.split(".")
-    frac = frac.rstrip("0").ljust(2, "0")
-    return f"{'-' if nanos < 0 else ''}${int(whole):,}.{frac}"
 
 
 @dataclass(frozen=True)
@@ -79,7 +71,8 @@ def _svg(
     bar = max(slot - 4, 2)
     first, last = all_days[0], all_days[-1]
     description = (
-        f"Daily usage from {first} to {last} by model; total {usd(sum(totals.values()))}."
+        f"Daily usage from {first} to {last} by model;"
+        f" total {format_dollars(sum(totals.values()))}."
         " The table below lists the same figures."
     )
     parts = [
@@ -90,7 +83,8 @@ def _svg(
         f'<g class="axis"><line x1="{LEFT}" y1="{TOP + plot_height}" x2="{WIDTH - RIGHT}"'
         f' y2="{TOP + plot_height}"/>',
         f'<text x="{LEFT - 6}" y="{TOP + plot_height}" text-anchor="end">$0</text>',
-        f'<text x="{LEFT - 6}" y="{TOP + 10}" text-anchor="end">{escape(usd(top))}</text>',
+        f'<text x="{LEFT - 6}" y="{TOP + 10}" text-anchor="end">'
+        f"{escape(format_dollars(top))}</text>",
     ]
     for index, day in enumerate(all_days):
         if (len(all_days) - 1 - index) % 7 == 0:  # weekly, ending on the last day
@@ -110,7 +104,7 @@ def _svg(
             height = max(stacked[day] * plot_height // top - below, 1)
             x = LEFT + index * slot + (slot - bar) // 2
             y = TOP + plot_height - below - height
-            label = f"{day}: {model}, {usd(cost)}"
+            label = f"{day}: {model}, {format_dollars(cost)}"
             parts.append(
                 f'<rect x="{x}" y="{y}" width="{bar}" height="{height}">'
                 f"<title>{escape(label)}</title></rect>"

@@ -19,7 +19,7 @@ from billing.accounts import keys
 from billing.accounts.accounts import Account, get_account
 from billing.accounts.key_states import KeyState
 from billing.core.errors import BillingError, InvalidRequest
-from billing.core.money import MoneyFormatError, Nanos, parse_usd
+from billing.core.money import MoneyFormatError, Nanos, format_dollars, parse_usd
 from billing.http import errors
 from billing.http.context import now, session, settings
 from billing.ledger import ledger
@@ -27,7 +27,7 @@ from billing.payments import spend, top_ups
 from billing.payments.stripe_api import StripeNotConfigured
 from billing.runtime import current_runtime
 from billing.web import access
-from billing.web.chart import legend_colour, usage_chart, usd
+from billing.web.chart import legend_colour, usage_chart
 
 web = Blueprint(
     "web",
@@ -55,9 +55,7 @@ STATE_LABELS = {
 JSON_ENDPOINTS = frozenset({"web.pay_with_card", "web.balance"})
 
 
-@web.app_template_filter("usd")
-def _usd_filter(nanos: Nanos) -> str:
-    return usd(nanos)
+web.add_app_template_filter(format_dollars, "usd")
 
 
 @web.context_processor
@@ -79,12 +77,12 @@ def _no_store(response: Response) -> Response:
 
 def amounts(account: Account) -> dict[str, Nanos]:
     """Balance, held and available amounts of ``account``: the holds are those in PostgreSQL
-    and, when Redis is reachable, those placed through it (``Runtime.held_nanos``)."""
-    held = current_runtime().held_nanos(account)
+    and, when Redis is reachable, those placed through it (``Runtime.funds``)."""
+    funds = current_runtime().funds(account)
     return {
-        "balance": account.balance_nanos,
-        "held": held,
-        "available": account.balance_nanos - held,
+        "balance": funds.balance_nanos,
+        "held": funds.held_nanos,
+        "available": funds.available_nanos,
     }
 
 
@@ -174,7 +172,7 @@ def balance() -> ResponseReturnValue:
     account = get_account(session(), signed.account_id)
     moment = now()
     body: dict[str, Any] = {
-        **{f"{name}_usd": usd(value) for name, value in amounts(account).items()},
+        **{f"{name}_usd": format_dollars(value) for name, value in amounts(account).items()},
         "keys": [
             {"masked_key": key.masked, "state": key.state_at(moment).value}
             for key in keys.list_keys(session(), account.id)

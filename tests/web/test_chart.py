@@ -6,8 +6,9 @@ import datetime as dt
 
 import pytest
 
+from billing.core.money import format_dollars
 from billing.payments.spend import DailyCost
-from billing.web.chart import axis_top, usage_chart, usd
+from billing.web.chart import axis_top, usage_chart
 
 
 @pytest.mark.parametrize(
@@ -22,7 +23,7 @@ from billing.web.chart import axis_top, usage_chart, usd
     ],
 )
 def test_amounts_are_shown_exactly(nanos: int, shown: str) -> None:
-    assert usd(nanos) == shown
+    assert format_dollars(nanos) == shown
 
 
 @pytest.mark.parametrize(

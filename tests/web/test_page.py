@@ -12,8 +12,8 @@ from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from billing.core.money import format_dollars
 from billing.payments.models import Payment
-from billing.web.chart import usd
 from tests.localstripe import PUBLISHABLE_KEY
 from tests.support import report_usage
 from tests.web import support
@@ -65,9 +65,9 @@ def test_a_good_key_shows_amounts_keys_chart_and_ledger(
     sign_in(page, live_server, acme.secret)
 
     expect(page.get_by_role("heading", name="Acme Inc", level=1)).to_be_visible()
-    expect(page.locator("#balance")).to_have_text(usd(balance))  # $8.81852236
+    expect(page.locator("#balance")).to_have_text(format_dollars(balance))  # $8.81852236
     expect(page.locator("#held")).to_have_text("$0.00")
-    expect(page.locator("#available")).to_have_text(usd(balance))
+    expect(page.locator("#available")).to_have_text(format_dollars(balance))
     rows = page.locator("#keys tbody tr")
     expect(rows).to_have_count(2)
     expect(rows.nth(0)).to_contain_text(acme.key["masked_key"])
@@ -87,7 +87,7 @@ def test_a_good_key_shows_amounts_keys_chart_and_ledger(
     page.get_by_text("Usage as a table").click()
     table = page.locator("#usage-table")
     expect(table.locator("tbody tr")).to_have_count(2)
-    expect(table).to_contain_text(usd(2 * 1_738_820 + 589_000_000))
+    expect(table).to_contain_text(format_dollars(2 * 1_738_820 + 589_000_000))
     expect(table).to_contain_text("$0.00173882")
     # The ledger: the credit and the usage charges, newest first.
     ledger = page.locator("#ledger tbody tr")

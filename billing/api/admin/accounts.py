@@ -9,11 +9,11 @@ from flask_openapi3 import Tag
 from pydantic import BaseModel, Field
 
 from billing.accounts import accounts
-from billing.accounts.accounts import Account
+from billing.accounts.accounts import Account, Funds
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
 from billing.core.money import format_usd
-from billing.http.context import held, now, session
+from billing.http.context import funds, now, session
 
 TAGS = [Tag(name="Accounts")]
 
@@ -34,15 +34,15 @@ class AccountOut(BaseModel):
     created_at: dt.datetime
 
 
-def account(row: Account, *, held_nanos: int) -> AccountOut:
-    """An account; ``held_nanos`` counts its open holds wherever they are (Runtime.held_nanos)."""
+def account(row: Account, funds: Funds) -> AccountOut:
+    """An account with its funds, open holds counted wherever they are (``Runtime.funds``)."""
     return AccountOut(
         id=row.id,
         name=row.name,
         email=row.email,
-        balance_usd=format_usd(row.balance_nanos),
-        held_usd=format_usd(held_nanos),
-        available_usd=format_usd(row.balance_nanos - held_nanos),
+        balance_usd=format_usd(funds.balance_nanos),
+        held_usd=format_usd(funds.held_nanos),
+        available_usd=format_usd(funds.available_nanos),
         created_at=row.created_at,
     )
 
@@ -51,7 +51,7 @@ def account(row: Account, *, held_nanos: int) -> AccountOut:
 def create_account(body: AccountCreate) -> tuple[dict[str, Any], int]:
     """Open an account with a zero balance."""
     row = accounts.create_account(session(), name=body.name, email=body.email, now=now())
-    return account(row, held_nanos=0).model_dump(mode="json"), 201
+    return account(row, row.funds()).model_dump(mode="json"), 201
 
 
 @admin.get("/accounts", tags=TAGS, responses={200: schemas.Page[AccountOut]})
@@ -61,7 +61,7 @@ def list_accounts(query: schemas.PageQuery) -> dict[str, Any]:
         session(), after=schemas.decode_cursor(query.cursor), limit=query.limit
     )
     return render.page(
-        [account(row, held_nanos=held(row)) for row in rows],
+        [account(row, funds(row)) for row in rows],
         query.limit,
         lambda item: item.id,
     )
@@ -71,4 +71,4 @@ def list_accounts(query: schemas.PageQuery) -> dict[str, Any]:
 def get_account(path: schemas.AccountPath) -> dict[str, Any]:
     """An account with its balance, held and available amounts."""
     row = accounts.get_account(session(), path.account_id)
-    return account(row, held_nanos=held(row)).model_dump(mode="json")
+    return account(row, funds(row)).model_dump(mode="json")
