@@ -22,7 +22,6 @@ from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
 from billing.http.errors import commit_failed
-from billing.notify import outbox
 from billing.runtime import Runtime, current_runtime
 from billing.web import init_app as init_web
 
@@ -93,7 +92,6 @@ def create_app(settings: Settings | None = None) -> Flask:
             settings.redis_url, socket_timeout=1, socket_connect_timeout=1
         )
     sessions = make_sessionmaker(engine)
-    sessions.configure(info=outbox.session_info(settings.balance_low_threshold))
     runtime = Runtime(settings, engine, sessions, redis=client)
     app.extensions["billing"] = runtime
     app.after_request(_commit_on_success)

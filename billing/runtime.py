@@ -160,7 +160,12 @@ class Runtime:
         total = 0
         while True:
             with self.transaction() as session:
-                result = settlement.settle_batch(session, now=utcnow(), limit=limit)
+                result = settlement.settle_batch(
+                    session,
+                    low_balance_nanos=self.settings.balance_low_threshold,
+                    now=utcnow(),
+                    limit=limit,
+                )
             if total == 0 and result.claimed == limit and self.celery is not None and self.redis:
                 # A backlog: ask another worker to drain beside this one (SKIP LOCKED keeps
                 # them apart). Each drain asks once, so helpers never outnumber the backlog.

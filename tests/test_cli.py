@@ -131,6 +131,7 @@ def test_reconcile_exits_non_zero_on_drift(
             ledger.Posting(
                 account.id, ledger.EntryKind.ADJUSTMENT, parse_usd("5"), "credit", "test"
             ),
+            low_balance_nanos=runtime.settings.balance_low_threshold,
             now=utcnow(),
         )
     clean = run("reconcile", env=postgres_env)

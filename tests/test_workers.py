@@ -26,6 +26,7 @@ def test_reconcile_task_finds_drift_in_a_real_worker(
                 ledger.Posting(
                     account.id, ledger.EntryKind.ADJUSTMENT, parse_usd(amount), "credit", "test"
                 ),
+                low_balance_nanos=runtime.settings.balance_low_threshold,
                 now=utcnow(),
             )
 

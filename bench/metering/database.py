@@ -62,6 +62,7 @@ def prepare_database(config: Config, data_dir: Path) -> tuple[list[str], Any]:
                     "benchmark credit",
                     "bench",
                 ),
+                low_balance_nanos=runtime.settings.balance_low_threshold,
                 now=utcnow(),
             )
             for k in range(config.keys_per_account):

@@ -103,8 +103,13 @@ def _request_hash(posting: Posting) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
-def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[LedgerEntry, bool]:
+def post(
+    session: Session, posting: Posting, *, low_balance_nanos: Nanos, now: dt.datetime
+) -> tuple[LedgerEntry, bool]:
     """Record ``posting`` and move the balance; returns the entry and whether it is new.
+
+    A balance that falls from above ``low_balance_nanos`` to it or below is announced
+    (``account.balance_low``), and so is one that falls to zero or below.
 
     With an idempotency key, a repeat of the same posting returns the first entry unchanged
     and moves nothing; the same key with a different posting raises IdempotencyKeyReused.
@@ -139,7 +144,7 @@ def post(session: Session, posting: Posting, *, now: dt.datetime) -> tuple[Ledge
     )
     try:
         with session.begin_nested():
-            _record(session, entry)
+            _record(session, entry, low_balance_nanos)
     except IntegrityError:
         # A concurrent request with the same idempotency key committed first; answer as it did.
         assert posting.idempotency_key is not None
@@ -184,6 +189,7 @@ def post_usage(
     entries: Iterable[LedgerEntry],
     *,
     settled: Sequence[tuple[str, str]],
+    low_balance_nanos: Nanos,
     now: dt.datetime,
 ) -> None:
     """Post the usage entries of :func:`write_usage_entries` and settle their requests.
@@ -193,7 +199,7 @@ def post_usage(
     re-derives the key states of their accounts, charged or not.
     """
     for entry in sorted(entries, key=lambda entry: entry.account_id):
-        _move_balance(session, entry)
+        _move_balance(session, entry, low_balance_nanos)
     holds.release_settled(session, settled, now=now)
     _after_move(session, {account_id for _, account_id in settled}, reason="usage settled", now=now)
 
@@ -207,16 +213,16 @@ def _after_move(
     refresh_keys_of(session, sorted(account_ids), reason=reason, now=now)
 
 
-def _record(session: Session, entry: LedgerEntry) -> None:
+def _record(session: Session, entry: LedgerEntry, low_balance_nanos: Nanos) -> None:
     """Write ``entry`` and move its account's balance."""
     session.add(entry)
     session.flush()
-    _move_balance(session, entry)
+    _move_balance(session, entry, low_balance_nanos)
 
 
-def _move_balance(session: Session, entry: LedgerEntry) -> None:
+def _move_balance(session: Session, entry: LedgerEntry, low_balance_nanos: Nanos) -> None:
     """Move the balance by ``entry``'s amount by an atomic in-place increment; announce the
-    balance crossing a notice threshold (``billing.notify.outbox``)."""
+    balance crossing ``low_balance_nanos`` or zero (``billing.notify.outbox``)."""
     balance = session.execute(
         update(Account)
         .where(Account.id == entry.account_id)
@@ -233,6 +239,7 @@ def _move_balance(session: Session, entry: LedgerEntry) -> None:
         before=balance - entry.amount_nanos,
         after=balance,
         ledger_entry_id=entry.id,
+        threshold=low_balance_nanos,
         now=entry.created_at,
     )
 

@@ -127,8 +127,11 @@ def claim(session: Session, limit: int) -> list[Claimed]:
     return [Claimed(*row) for row in session.execute(query).all()]
 
 
-def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE) -> BatchResult:
-    """Claim, price and charge one batch of pending events; the caller commits."""
+def settle_batch(
+    session: Session, *, low_balance_nanos: Nanos, now: dt.datetime, limit: int = BATCH_SIZE
+) -> BatchResult:
+    """Claim, price and charge one batch of pending events; the caller commits. A balance
+    falling to ``low_balance_nanos`` is announced (``billing.ledger.ledger.post_usage``)."""
     events = claim(session, limit)
     if not events:
         return BatchResult(0, 0, 0, 0)
@@ -168,6 +171,7 @@ def settle_batch(session: Session, *, now: dt.datetime, limit: int = BATCH_SIZE)
         session,
         entries.values(),
         settled=[(event.request_id, event.account_id) for event, _, _ in priced],
+        low_balance_nanos=low_balance_nanos,
         now=now,
     )
     return BatchResult(len(events), len(priced), len(parked), len(entries))

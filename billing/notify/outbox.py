@@ -29,10 +29,6 @@ from billing.notify.models import (
     rfc3339,
 )
 
-DEFAULT_BALANCE_LOW_THRESHOLD: Nanos = 1_000_000_000
-# Where a session carries the configured balance-low threshold (see ``session_info``).
-BALANCE_LOW_THRESHOLD = "webhooks.balance_low_threshold_nanos"
-
 
 def emit(
     session: Session, type_: EventType, payload: dict[str, Any], *, now: dt.datetime
@@ -96,11 +92,6 @@ def announce_key_state(
     )
 
 
-def session_info(balance_low_threshold: Nanos) -> dict[str, Any]:
-    """What sessions must carry for the balance notices (give it to the sessionmaker)."""
-    return {BALANCE_LOW_THRESHOLD: balance_low_threshold}
-
-
 def announce_balance(
     session: Session,
     *,
@@ -108,11 +99,11 @@ def announce_balance(
     before: Nanos,
     after: Nanos,
     ledger_entry_id: int,
+    threshold: Nanos,
     now: dt.datetime,
 ) -> None:
-    """Emit ``account.balance_low`` and ``account.balance_depleted`` when a balance crosses the
-    threshold (the session's, default $1.00) or zero from above."""
-    threshold: Nanos = session.info.get(BALANCE_LOW_THRESHOLD, DEFAULT_BALANCE_LOW_THRESHOLD)
+    """Emit ``account.balance_low`` and ``account.balance_depleted`` when a balance crosses
+    ``threshold`` or zero from above."""
     common = {
         "account_id": account_id,
         "balance_usd": format_usd(after),

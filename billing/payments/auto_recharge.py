@@ -222,6 +222,7 @@ def charge_auto_recharge(
                 payment,
                 cents=received,
                 charge_id=stripe_id(intent.get("latest_charge")),
+                settings=settings,
                 now=now,
             )
         # Otherwise it is processing: payment_intent.succeeded or payment_failed settles it.

@@ -49,7 +49,9 @@ def _dispute_row(session: Session, dispute: dict[str, Any], now: dt.datetime) ->
     return row
 
 
-def _debit_dispute(session: Session, row: Dispute, account_id: str, now: dt.datetime) -> None:
+def _debit_dispute(
+    session: Session, row: Dispute, account_id: str, settings: Settings, now: dt.datetime
+) -> None:
     if row.debit_entry_id is not None:
         return
     entry, _ = ledger.post(
@@ -63,6 +65,7 @@ def _debit_dispute(session: Session, row: Dispute, account_id: str, now: dt.date
             reference=row.id,
             idempotency_key=f"stripe-dispute:{row.id}",
         ),
+        low_balance_nanos=settings.balance_low_threshold,
         now=now,
     )
     row.debit_entry_id = entry.id
@@ -81,7 +84,7 @@ def dispute_created(
         return
     payment = session.get(Payment, row.payment_id)
     assert payment is not None
-    _debit_dispute(session, row, payment.account_id, now)
+    _debit_dispute(session, row, payment.account_id, settings, now)
 
 
 def dispute_closed(
@@ -98,7 +101,7 @@ def dispute_closed(
     row.status = status
     row.updated_at = now
     if status == "lost":
-        _debit_dispute(session, row, payment.account_id, now)
+        _debit_dispute(session, row, payment.account_id, settings, now)
     elif status == "won" and row.debit_entry_id is not None and row.recredit_entry_id is None:
         entry, _ = ledger.post(
             session,
@@ -111,6 +114,7 @@ def dispute_closed(
                 reference=row.id,
                 idempotency_key=f"stripe-dispute-won:{row.id}",
             ),
+            low_balance_nanos=settings.balance_low_threshold,
             now=now,
         )
         row.recredit_entry_id = entry.id

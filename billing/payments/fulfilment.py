@@ -115,7 +115,13 @@ def _payment_for(
 
 
 def credit(
-    session: Session, payment: Payment, *, cents: int, charge_id: str | None, now: dt.datetime
+    session: Session,
+    payment: Payment,
+    *,
+    cents: int,
+    charge_id: str | None,
+    settings: Settings,
+    now: dt.datetime,
 ) -> bool:
     """Credit the (locked) payment's account with ``cents`` unless already credited; returns
     whether this call credited it."""
@@ -135,6 +141,7 @@ def credit(
             reference=payment.payment_intent_id or payment.checkout_session_id or payment.id,
             idempotency_key=f"stripe-payment:{payment.id}",
         ),
+        low_balance_nanos=settings.balance_low_threshold,
         now=now,
     )
     payment.amount_cents = cents
@@ -204,7 +211,9 @@ def fail(
     )
 
 
-def fulfil_intent(session: Session, intent: dict[str, Any], *, now: dt.datetime) -> bool:
+def fulfil_intent(
+    session: Session, intent: dict[str, Any], *, settings: Settings, now: dt.datetime
+) -> bool:
     """Credit a succeeded PaymentIntent of ours once; returns whether this call credited it."""
     if intent.get("currency") != stripe_api.CURRENCY:
         log.error(
@@ -227,11 +236,18 @@ def fulfil_intent(session: Session, intent: dict[str, Any], *, now: dt.datetime)
         log.info("PaymentIntent %s is not a payment of ours: ignored", intent.get("id"))
         return False
     return credit(
-        session, payment, cents=cents, charge_id=stripe_id(intent.get("latest_charge")), now=now
+        session,
+        payment,
+        cents=cents,
+        charge_id=stripe_id(intent.get("latest_charge")),
+        settings=settings,
+        now=now,
     )
 
 
-def fulfil_checkout(session: Session, checkout: dict[str, Any], *, now: dt.datetime) -> bool:
+def fulfil_checkout(
+    session: Session, checkout: dict[str, Any], *, settings: Settings, now: dt.datetime
+) -> bool:
     """Credit a paid Checkout Session of ours once; returns whether this call credited it."""
     if checkout.get("currency") != stripe_api.CURRENCY:
         log.error("Checkout Session %s is not in USD: not credited", checkout.get("id"))
@@ -249,7 +265,7 @@ def fulfil_checkout(session: Session, checkout: dict[str, Any], *, now: dt.datet
     if payment is None:
         log.info("Checkout Session %s is not a payment of ours: ignored", checkout.get("id"))
         return False
-    return credit(session, payment, cents=cents, charge_id=None, now=now)
+    return credit(session, payment, cents=cents, charge_id=None, settings=settings, now=now)
 
 
 def payment_of_charge(

@@ -24,7 +24,7 @@ def reconcile(session: Session, *, settings: Settings, now: dt.datetime) -> list
             continue
         if not (intent.get("metadata") or {}).get("account_id"):
             continue
-        if fulfil_intent(session, intent, now=now):
+        if fulfil_intent(session, intent, settings=settings, now=now):
             credited.append(intent["id"])
     if settings.topup_mode == "checkout":
         for checkout in stripe_api.recent_checkout_sessions(settings):
@@ -34,7 +34,7 @@ def reconcile(session: Session, *, settings: Settings, now: dt.datetime) -> list
             ):
                 continue
             if (checkout.get("metadata") or {}).get("account_id") and fulfil_checkout(
-                session, checkout, now=now
+                session, checkout, settings=settings, now=now
             ):
                 credited.append(checkout["id"])
     for stripe_id in credited:

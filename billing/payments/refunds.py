@@ -48,6 +48,7 @@ def charge_refunded(
             reference=charge["id"],
             idempotency_key=f"stripe-refund:{payment.id}:{refunded}",
         ),
+        low_balance_nanos=settings.balance_low_threshold,
         now=now,
     )
     payment.refunded_cents = refunded

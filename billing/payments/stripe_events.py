@@ -26,7 +26,7 @@ from billing.payments.refunds import charge_refunded
 def _payment_intent_succeeded(
     session: Session, intent: dict[str, Any], settings: Settings, now: dt.datetime
 ) -> None:
-    fulfil_intent(session, intent, now=now)
+    fulfil_intent(session, intent, settings=settings, now=now)
 
 
 def _payment_intent_failed(
@@ -53,14 +53,14 @@ def _checkout_completed(
     session: Session, checkout: dict[str, Any], settings: Settings, now: dt.datetime
 ) -> None:
     if checkout.get("payment_status") == "paid":
-        fulfil_checkout(session, checkout, now=now)
+        fulfil_checkout(session, checkout, settings=settings, now=now)
     # Otherwise an asynchronous method (a bank debit) is still settling: the async events follow.
 
 
 def _checkout_async_succeeded(
     session: Session, checkout: dict[str, Any], settings: Settings, now: dt.datetime
 ) -> None:
-    fulfil_checkout(session, checkout, now=now)
+    fulfil_checkout(session, checkout, settings=settings, now=now)
 
 
 def _checkout_async_failed(

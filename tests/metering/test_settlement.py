@@ -670,11 +670,11 @@ def test_settle_batch_twice_never_settles_an_event_twice(
     ids = [item["request_id"] for item in items]
     assert {row.status for row in rows(db, *ids).values()} == {"pending"}
 
-    first = settlement.settle_batch(db, now=utcnow(), limit=2)
+    first = settlement.settle_batch(db, low_balance_nanos=0, now=utcnow(), limit=2)
     assert (first.claimed, first.settled, first.unpriced, first.accounts_charged) == (2, 2, 0, 1)
-    rest = settlement.settle_batch(db, now=utcnow())
+    rest = settlement.settle_batch(db, low_balance_nanos=0, now=utcnow())
     assert (rest.claimed, rest.settled) == (3, 3)
-    again = settlement.settle_batch(db, now=utcnow())
+    again = settlement.settle_batch(db, low_balance_nanos=0, now=utcnow())
     assert again.claimed == again.settled == 0
     assert runtime.settle_pending() == 0
 
@@ -701,10 +701,10 @@ def test_settling_after_the_in_process_settlement_claims_nothing(
     post(gateway, event)
     settled_balance = balance(admin, account_id)
     assert settled_balance == nanos("10") - seed_cost(MINI, (100, 0, 10, 0))
-    assert settlement.settle_batch(db, now=utcnow()).claimed == 0
+    assert settlement.settle_batch(db, low_balance_nanos=0, now=utcnow()).claimed == 0
     repeat = gateway.post(USAGE, json=event)
     assert repeat.status_code == 202 and repeat.get_json()["duplicates"] == 1
-    assert settlement.settle_batch(db, now=utcnow()).claimed == 0
+    assert settlement.settle_batch(db, low_balance_nanos=0, now=utcnow()).claimed == 0
     assert balance(admin, account_id) == settled_balance
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,13 +16,10 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from billing.accounts import accounts, keys
-from billing.app import create_app
 from billing.core.db import utcnow
 from billing.core.money import parse_usd
-from billing.ledger import ledger
-from billing.notify import delivery, endpoints, models, outbox
+from billing.notify import delivery, endpoints, models
 from billing.runtime import Runtime
-from tests.conftest import make_settings
 from tests.notify.conftest import (
     Receiver,
     adjust,
@@ -295,12 +291,13 @@ def test_balance_low_is_sent_once_per_crossing(
 
 
 def test_the_balance_low_threshold_is_configurable(
-    db: Session, runtime: Runtime, tmp_path: Path
+    admin: FlaskClient, db: Session, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    configured = create_app(make_settings(tmp_path, balance_low_threshold_usd="5.00"))
-    sessions = configured.extensions["billing"].sessions
-    assert sessions().info[outbox.BALANCE_LOW_THRESHOLD] == parse_usd("5.00")
-
+    # The setting reaches the ledger as a parameter on every path that moves money: here the
+    # admin API's adjustments, with the app's settings changed for this test only.
+    configured = runtime.settings.model_copy(update={"balance_low_threshold_usd": "5.00"})
+    assert configured.balance_low_threshold == parse_usd("5.00")
+    monkeypatch.setattr(runtime, "settings", configured)
     endpoints.create_endpoint(
         db,
         url="http://127.0.0.1:9/x",
@@ -308,15 +305,9 @@ def test_the_balance_low_threshold_is_configurable(
         hmac_key=runtime.settings.hmac_key,
         now=utcnow(),
     )
-    db.info.update(outbox.session_info(parse_usd("5.00")))
-    account = accounts.create_account(db, name="t", email=None, now=utcnow())
-    for amount in ("6", "-0.5", "-0.6"):
-        ledger.post(
-            db,
-            ledger.Posting(account.id, ledger.EntryKind.ADJUSTMENT, parse_usd(amount), "t", "t"),
-            now=utcnow(),
-        )
-    db.flush()
+    account_id = new_account(admin, credit="6")
+    adjust(admin, account_id, "-0.5")
+    adjust(admin, account_id, "-0.6")
     events = db.scalars(
         select(models.WebhookEvent).where(models.WebhookEvent.type == "account.balance_low")
     ).all()

@@ -55,7 +55,9 @@ def history(db: Session, runtime: Runtime, start: dt.datetime) -> tuple[str, str
     credit = ledger.Posting(
         account.id, ledger.EntryKind.ADJUSTMENT, parse_usd("5"), "credit", "test"
     )
-    ledger.post(db, credit, now=start + minute)
+    ledger.post(
+        db, credit, low_balance_nanos=runtime.settings.balance_low_threshold, now=start + minute
+    )
     keys.revoke_key(db, key.id, now=start + 2 * minute)
     db.flush()
     return key.id, account.id

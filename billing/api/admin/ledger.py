@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
 from billing.core.money import format_usd
-from billing.http.context import now, session
+from billing.http.context import now, session, settings
 from billing.ledger import ledger
 from billing.ledger.ledger import LedgerEntry
 
@@ -84,6 +84,7 @@ def create_adjustment(
             actor=g.actor,
             idempotency_key=f"adjustment:{path.account_id}:{header.idempotency_key}",
         ),
+        low_balance_nanos=settings().balance_low_threshold,
         now=now(),
     )
     return ledger_entry(entry).model_dump(mode="json"), 201 if created else 200
