@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
-from billing.metering.rollups import UsageRollup
 from limits.storage import MemoryStorage
 from sqlalchemy.orm import Session
 
+from billing.accounts import rollups
 from billing.accounts.accounts import Account
 from billing.accounts.key_states import ENFORCEMENT, STATE_TABLE, KeyState
 from billing.accounts.keys import ApiKey, derive_state
+from billing.accounts.rollups import UsageRollup
 from billing.core.db import utcnow
 from billing.core.effects import AccountSnapshot
 from billing.core.settings import Settings
@@ -32,7 +33,6 @@ from billing.enforcement.authorize import (
     Refused,
 )
 from billing.enforcement.hotpath import HoldRequest, HotPath, Verdict
-from billing.metering import rollups
 
 AMOUNT = 100  # the hold each authorize asks for
 CAP = 1000
@@ -167,7 +167,7 @@ def test_the_redis_script_answers_as_the_table(
     hotpath = HotPath(client)
     names = [mirror.key_name(key.id), mirror.hash_name(key.key_hash), f"billing:acct:{account.id}"]
     try:
-        mirror.publish(client, [key])
+        mirror.write(client, [key])
         spend = {key.id: (rollups.month_key(now), built.spend)} if built.cap is not None else {}
         hotpath.publish({account.id: AccountSnapshot(1, built.balance, spend)}, [])
         client.hset(names[2], mapping={"held": built.held, f"kheld:{key.id}": built.key_held})
