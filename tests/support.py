@@ -1,4 +1,4 @@
-"""Assertions shared by the HTTP tests."""
+"""Helpers shared by the tests: HTTP clients and assertions, and what the Redis mirror holds."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
+
+from billing.enforcement import mirror
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -61,3 +64,9 @@ def key_state(admin: FlaskClient, key_id: str) -> tuple[str, int]:
     """A key's state and HTTP status, as the admin API shows them."""
     body = admin.get(f"/admin/v1/keys/{key_id}").get_json()
     return body["state"], body["http_status"]
+
+
+def mirrored_state(client: redis.Redis, key_id: str) -> dict[str, str]:
+    """What the Redis mirror holds for a key (empty if nothing)."""
+    stored: dict[bytes, bytes] = client.hgetall(mirror.key_name(key_id))  # type: ignore[assignment]
+    return {name.decode(): value.decode() for name, value in stored.items()}

@@ -18,7 +18,7 @@ from billing.enforcement import mirror
 from billing.runtime import Runtime
 from tests.conftest import TEST_REDIS_URL
 from tests.enforcement.support import new_account, rid, state_changes
-from tests.support import assert_error, key_state, new_key
+from tests.support import assert_error, key_state, mirrored_state, new_key
 
 VIOLATIONS = "/gateway/v1/violations"
 SUSPENDED_REASON = "3 content violations in 24h"
@@ -275,9 +275,9 @@ def test_the_suspension_and_its_clearing_reach_the_redis_mirror(
     monkeypatch.setattr(runtime, "redis", client)
     try:
         suspend(gateway, key)
-        assert mirror.mirrored_state(client, key["id"])["state"] == "suspended"
-        assert mirror.mirrored_state(client, key["id"])["http_status"] == "451"
+        assert mirrored_state(client, key["id"])["state"] == "suspended"
+        assert mirrored_state(client, key["id"])["http_status"] == "451"
         admin.post(f"/admin/v1/keys/{key['id']}/unsuspend")
-        assert mirror.mirrored_state(client, key["id"])["state"] == "active"
+        assert mirrored_state(client, key["id"])["state"] == "active"
     finally:
         client.delete(mirror.key_name(key["id"]))

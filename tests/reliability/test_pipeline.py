@@ -44,6 +44,7 @@ from tests.reliability.conftest import (
     usage_event,
     wait_until,
 )
+from tests.support import mirrored_state
 
 SETTLE = "workers.tasks.settle_usage"
 SWEEP = "workers.tasks.sweep"
@@ -405,7 +406,7 @@ def test_redis_flushed_mid_run_loses_no_event_and_the_mirror_is_rebuilt(
     assert states == expected
     http = {"active": "200", "revoked": "401", "insufficient_balance": "402"}
     for key_id, state in expected.items():
-        mirrored = mirror.mirrored_state(redis_client, key_id)
+        mirrored = mirrored_state(redis_client, key_id)
         assert (mirrored.get("state"), mirrored.get("http_status")) == (state, http[state])
 
 
@@ -477,7 +478,7 @@ def test_account_at_zero_shows_its_keys_at_402_within_a_second_of_settlement(
     assert api.balance_usd(account_id) == "0.000560000"
     for key_id in keys:
         assert api.admin("GET", f"/keys/{key_id}").json()["state"] == "active"
-        assert mirror.mirrored_state(redis_client, key_id)["state"] == "active"
+        assert mirrored_state(redis_client, key_id)["state"] == "active"
 
     def admin_402() -> bool:
         return all(
@@ -487,7 +488,7 @@ def test_account_at_zero_shows_its_keys_at_402_within_a_second_of_settlement(
         )
 
     def mirror_402() -> bool:
-        mirrored = [mirror.mirrored_state(redis_client, key_id) for key_id in keys]
+        mirrored = [mirrored_state(redis_client, key_id) for key_id in keys]
         return all(
             (state.get("state"), state.get("http_status")) == ("insufficient_balance", "402")
             for state in mirrored
