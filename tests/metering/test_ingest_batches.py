@@ -22,6 +22,7 @@ from tests.metering.support import (
 )
 from tests.support import assert_error
 
+
 def test_a_batch_keeps_the_good_items_and_names_the_field_of_each_bad_one(
     admin: FlaskClient, gateway: FlaskClient, db: Session
 ) -> None:
