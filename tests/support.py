@@ -50,14 +50,14 @@ def assert_error(response: Any, status: int, code: str, param: str | None = None
         assert body["error"]["param"] == param
         if status == 400:  # a validation error names the field it refuses
             assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]
 
 
 def new_key(admin: FlaskClient, account_id: str, **fields: Any) -> dict[str, Any]:
     """A key of ``account_id`` issued through the admin API (its secret in ``key``)."""
     response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", **fields})
     assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def key_state(admin: FlaskClient, key_id: str) -> tuple[str, int]:

@@ -116,7 +116,7 @@ def balance(admin: FlaskClient, account_id: str) -> int:
 def add_version(admin: FlaskClient, model_id: str, **fields: Any) -> dict[str, Any]:
     response = admin.post("/admin/v1/models", json={"id": model_id, **fields})
     assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def seed_version_id(db: Session, model: str) -> int:
@@ -176,7 +176,7 @@ def report(gateway: FlaskClient, body: Any) -> dict[str, Any]:
     answer = response.get_json()
     assert answer["object"] == "usage_report"
     assert set(answer) == {"object", "accepted", "duplicates", "rejected"}
-    return answer  # type: ignore[no-any-return]
+    return answer
 
 
 def stored_events(db: Session, *request_ids: str) -> dict[str, UsageEvent]:

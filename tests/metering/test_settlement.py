@@ -53,7 +53,7 @@ def breakdown_parts(breakdown: dict[str, Any] | None) -> tuple[int, int, int, in
         assert set(breakdown) == {f"{name}_femtos" for name in names} | {"total_nanos"}
         values = [breakdown[f"{name}_femtos"] for name in names] + [breakdown["total_nanos"]]
         assert all(type(value) is int for value in values), breakdown
-        return tuple(values)  # type: ignore[return-value]
+        return tuple(values)
     assert set(breakdown) == {f"{name}_usd" for name in names} | {"total_usd"}
     assert USD9.fullmatch(breakdown["total_usd"]), breakdown
     parts = []
@@ -61,7 +61,8 @@ def breakdown_parts(breakdown: dict[str, Any] | None) -> tuple[int, int, int, in
         exact = Decimal(breakdown[f"{name}_usd"]) * 10**15
         assert exact == exact.to_integral_value(), breakdown
         parts.append(int(exact))
-    return (*parts, nanos(breakdown["total_usd"]))  # type: ignore[return-value]
+    inp, cached, out, reasoning = parts
+    return (inp, cached, out, reasoning, nanos(breakdown["total_usd"]))
 
 
 # --- exact costs -------------------------------------------------------------------------------

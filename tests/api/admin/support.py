@@ -17,7 +17,7 @@ from billing.accounts.keys import KeyStateChange
 def new_account(admin: FlaskClient) -> str:
     response = admin.post("/admin/v1/accounts", json={"name": "key owner"})
     assert response.status_code == 201
-    return response.get_json()["id"]  # type: ignore[no-any-return]
+    return response.get_json()["id"]
 
 
 def adjust(admin: FlaskClient, account_id: str, amount: str) -> None:
@@ -32,7 +32,7 @@ def adjust(admin: FlaskClient, account_id: str, amount: str) -> None:
 def get_key(admin: FlaskClient, key_id: str) -> dict[str, Any]:
     response = admin.get(f"/admin/v1/keys/{key_id}")
     assert response.status_code == 200, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def patch(admin: FlaskClient, key_id: str, **fields: Any) -> Any:
