@@ -210,7 +210,9 @@ def start_worker(
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60
-    while not any(name in host for reply in celery.control.ping(timeout=0.5) for host in reply):
+    while not any(
+        name in host for reply in celery.control.ping(timeout=0.5) or [] for host in reply
+    ):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"worker {name} did not start:\n{log.read_text()}")

@@ -1,4 +1,4 @@
-"""Assertions shared by the HTTP tests."""
+"""Helpers shared by the tests: HTTP clients and assertions, and what the Redis mirror holds."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
+
+from billing.enforcement import mirror
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -47,17 +50,23 @@ def assert_error(response: Any, status: int, code: str, param: str | None = None
         assert body["error"]["param"] == param
         if status == 400:  # a validation error names the field it refuses
             assert param in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]
 
 
 def new_key(admin: FlaskClient, account_id: str, **fields: Any) -> dict[str, Any]:
     """A key of ``account_id`` issued through the admin API (its secret in ``key``)."""
     response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k", **fields})
     assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def key_state(admin: FlaskClient, key_id: str) -> tuple[str, int]:
     """A key's state and HTTP status, as the admin API shows them."""
     body = admin.get(f"/admin/v1/keys/{key_id}").get_json()
     return body["state"], body["http_status"]
+
+
+def mirrored_state(client: redis.Redis, key_id: str) -> dict[str, str]:
+    """What the Redis mirror holds for a key (empty if nothing)."""
+    stored: dict[bytes, bytes] = client.hgetall(mirror.key_name(key_id))  # type: ignore[assignment]
+    return {name.decode(): value.decode() for name, value in stored.items()}

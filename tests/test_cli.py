@@ -55,7 +55,9 @@ def versions(env: dict[str, str]) -> list[tuple[str, int, int]]:
                 PriceVersion.output_nanos_per_m,
             ).order_by(PriceVersion.id)
         )
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        return [
+            (model_id, input_nanos, output_nanos) for model_id, input_nanos, output_nanos in rows
+        ]
 
 
 def write_prices(path: Path, **lite: str) -> Path:

@@ -131,9 +131,3 @@ def sync(session: Session, client: redis.Redis, *, now: dt.datetime) -> int:
         pipe.set(CURSOR, settled[-1])
     pipe.execute()
     return len(key_ids)
-
-
-def mirrored_state(client: redis.Redis, key_id: str) -> dict[str, str]:
-    """What the mirror holds for a key (empty if nothing)."""
-    stored: dict[bytes, bytes] = client.hgetall(key_name(key_id))  # type: ignore[assignment]
-    return {name.decode(): value.decode() for name, value in stored.items()}

@@ -83,7 +83,7 @@ def test_allows_and_holds_the_worst_case_cost(edge: Edge) -> None:
     assert body["hold_id"].startswith("hold_")
     assert Decimal(body["hold_usd"]) == hold == Decimal("0.00238")
     assert Decimal(body["available_usd"]) == 10 - hold
-    assert account_amounts(edge, account_id) == (10, hold, 10 - hold)
+    assert account_amounts(edge, account_id) == (Decimal(10), hold, 10 - hold)
 
 
 def test_without_a_maximum_the_hold_covers_the_models_max_output(edge: Edge) -> None:
@@ -124,7 +124,7 @@ def test_settlement_releases_the_hold_and_charges_the_actual_cost(edge: Edge) ->
     authorize(edge, key["key"], request_id=request_id, input_tokens=1000, max_output_tokens=1000)
     report(edge, key["key"], request_id, input_tokens=800, output_tokens=300)
     cost = worst_case(800, 300)
-    assert account_amounts(edge, account_id) == (10 - cost, 0, 10 - cost)
+    assert account_amounts(edge, account_id) == (10 - cost, Decimal(0), 10 - cost)
 
 
 def test_a_failed_request_with_no_usage_releases_its_hold(edge: Edge) -> None:
@@ -135,7 +135,7 @@ def test_a_failed_request_with_no_usage_releases_its_hold(edge: Edge) -> None:
     report(
         edge, key["key"], request_id, input_tokens=0, output_tokens=0, outcome="client_disconnected"
     )
-    assert account_amounts(edge, account_id) == (10, 0, 10)
+    assert account_amounts(edge, account_id) == (Decimal(10), Decimal(0), Decimal(10))
 
 
 def test_an_overrun_is_charged_in_full_and_flips_the_key_to_402_at_once(edge: Edge) -> None:
@@ -162,7 +162,7 @@ def test_holds_expire_after_their_ttl(edge: Edge) -> None:
     assert edge.runtime.expire_holds(now=utcnow() + ttl - dt.timedelta(seconds=5)) == 0
     assert account_amounts(edge, account_id)[1] == worst_case(0, 1000)
     assert edge.runtime.expire_holds(now=utcnow() + ttl + dt.timedelta(seconds=1)) == 1
-    assert account_amounts(edge, account_id) == (10, 0, 10)
+    assert account_amounts(edge, account_id) == (Decimal(10), Decimal(0), Decimal(10))
 
 
 # The state table and its precedence (DESIGN section 5): the first applicable row wins.
@@ -268,12 +268,12 @@ def test_a_request_refused_for_another_reason_does_not_consume_the_rate_limit(
 ) -> None:
     account_id = new_account(edge.admin, "1")
     key = new_key(edge.admin, account_id, rate_limit="1 per 10 seconds", allowed_models=[LITE])
-    refused = {
+    refusals: dict[str, dict[str, Any]] = {
         "unknown model": {"model": "no-such-model"},
         "model not allowed": {"model": "doubao-seed-2-0-mini"},
         "hold too large": {"max_output_tokens": 10_000_000},
-    }[refusal]
-    assert authorize(edge, key["key"], **refused).status_code in (400, 402, 403)
+    }
+    assert authorize(edge, key["key"], **refusals[refusal]).status_code in (400, 402, 403)
     assert authorize(edge, key["key"], max_output_tokens=100).status_code == 200
 
 

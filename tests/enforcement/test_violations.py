@@ -18,7 +18,7 @@ from billing.enforcement import mirror
 from billing.runtime import Runtime
 from tests.conftest import TEST_REDIS_URL
 from tests.enforcement.support import new_account, rid, state_changes
-from tests.support import assert_error, key_state, new_key
+from tests.support import assert_error, key_state, mirrored_state, new_key
 
 VIOLATIONS = "/gateway/v1/violations"
 SUSPENDED_REASON = "3 content violations in 24h"
@@ -28,13 +28,13 @@ def report(gateway: FlaskClient, key: dict[str, Any], **fields: Any) -> dict[str
     body = {"request_id": rid(), "key_id": key["id"], "category": "violence", **fields}
     response = gateway.post(VIOLATIONS, json=body)
     assert response.status_code == 202, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def listed(admin: FlaskClient, key_id: str) -> list[dict[str, Any]]:
     response = admin.get(f"/admin/v1/keys/{key_id}/violations", query_string={"limit": 100})
     assert response.status_code == 200, response.get_json()
-    return response.get_json()["data"]  # type: ignore[no-any-return]
+    return response.get_json()["data"]
 
 
 def suspend(gateway: FlaskClient, key: dict[str, Any]) -> None:
@@ -120,9 +120,9 @@ def test_violations_older_than_the_window_do_not_count(
 
 
 def test_the_policy_is_configurable(admin: FlaskClient, db: Session, runtime: Runtime) -> None:
-    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None)
     assert (defaults.violation_threshold, defaults.violation_window_hours) == (3, 24)
-    assert Settings(_env_file=None, violation_window_hours="1.5").violation_window_hours == 1.5  # type: ignore[call-arg]
+    assert Settings(_env_file=None, violation_window_hours="1.5").violation_window_hours == 1.5
     key = new_key(admin, new_account(admin))
     result = violations.report(
         db,
@@ -275,9 +275,9 @@ def test_the_suspension_and_its_clearing_reach_the_redis_mirror(
     monkeypatch.setattr(runtime, "redis", client)
     try:
         suspend(gateway, key)
-        assert mirror.mirrored_state(client, key["id"])["state"] == "suspended"
-        assert mirror.mirrored_state(client, key["id"])["http_status"] == "451"
+        assert mirrored_state(client, key["id"])["state"] == "suspended"
+        assert mirrored_state(client, key["id"])["http_status"] == "451"
         admin.post(f"/admin/v1/keys/{key['id']}/unsuspend")
-        assert mirror.mirrored_state(client, key["id"])["state"] == "active"
+        assert mirrored_state(client, key["id"])["state"] == "active"
     finally:
         client.delete(mirror.key_name(key["id"]))

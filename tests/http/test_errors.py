@@ -26,7 +26,7 @@ def assert_error_shape(response: Any) -> dict[str, Any]:
     assert error["param"] is None or isinstance(error["param"], str)
     assert isinstance(error["code"], str)
     assert error["code"]
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def funded_key(admin: FlaskClient) -> str:
     assert response.status_code == 201
     created = admin.post(f"/admin/v1/accounts/{account}/keys", json={"name": "k"})
     assert created.status_code == 201
-    return created.get_json()["key"]  # type: ignore[no-any-return]
+    return created.get_json()["key"]
 
 
 def usage_event(api_key: str) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def usage_event(api_key: str) -> dict[str, Any]:
 def create_gateway_token(admin: FlaskClient, name: str = "edge") -> dict[str, Any]:
     response = admin.post("/admin/v1/gateway-tokens", json={"name": name})
     assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def test_the_gateway_route_enumeration_is_not_empty(app: Flask) -> None:

@@ -110,13 +110,13 @@ def create_account(admin: FlaskClient, name: str) -> str:
 def create_key(admin: FlaskClient, account_id: str) -> dict[str, Any]:
     response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k"})
     assert response.status_code == 201
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def add_version(admin: FlaskClient, **fields: Any) -> dict[str, Any]:
     response = admin.post("/admin/v1/models", json={"id": CUSTOM, **fields})
     assert response.status_code == 201, response.get_json()
-    return response.get_json()["pricing"]  # type: ignore[no-any-return]
+    return response.get_json()["pricing"]
 
 
 def random_counts(rng: random.Random) -> tuple[int, int, int, int]:
@@ -305,7 +305,7 @@ def test_billing_reconcile_passes_on_settled_usage_and_names_a_tampered_event(
     assert response.status_code == 202 and response.get_json()["accepted"] == 40
 
     with committed.connect() as connection:
-        settled = dict(
+        settled: dict[str, int] = dict(
             connection.execute(
                 text("SELECT request_id, cost_nanos FROM usage_events WHERE status = 'settled'")
             ).all()

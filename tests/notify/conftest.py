@@ -39,7 +39,7 @@ class Received:
     @property
     def data(self) -> dict[str, Any]:
         assert self.payload is not None, self.error
-        return self.payload["data"]  # type: ignore[no-any-return]
+        return self.payload["data"]
 
 
 @dataclass
@@ -194,4 +194,4 @@ def key_changes(requests: list[Received], key_id: str) -> list[dict[str, Any]]:
 
 
 def body_json(request: Received) -> dict[str, Any]:
-    return json.loads(request.body)  # type: ignore[no-any-return]
+    return json.loads(request.body)

@@ -261,7 +261,7 @@ class Workers:
             for worker in batch:
                 if worker.process.poll() is not None:
                     pytest.fail(f"worker {worker.name} exited:\n{worker.log_text()}")
-            replies = self.celery.control.ping(timeout=0.5)
+            replies = self.celery.control.ping(timeout=0.5) or []
             waiting -= {name.split("@")[0] for reply in replies for name in reply}
             if waiting and time.monotonic() > deadline:
                 pytest.fail(f"workers {sorted(waiting)} did not answer a ping")

@@ -3,7 +3,8 @@
 The API is a real gunicorn reached over HTTP, settlement runs in real ``celery worker``
 processes over the real Redis broker, and the outcome is read from PostgreSQL. What these tests
 hold the pipeline to: an event answered 202 is never lost and never charged twice, whatever is
-retried, killed, flushed or cut off (invariants 1, 5 and 6).
+retried or killed (invariants 1, 5 and 6), and settlement moves key states at once. Redis flushed
+and PostgreSQL cut off are in test_outages.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import threading
 import time
 import uuid
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,50 +21,33 @@ import redis
 import requests
 from celery import Celery
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
-from billing.core.settings import Settings
-from billing.enforcement import mirror
-from billing.ledger import ledger
-from billing.metering import settlement
 from billing.metering.settlement import BATCH_SIZE
-from tests.conftest import TEST_DATABASE_URL, worker_env
 from tests.reliability.conftest import (
     Api,
-    TcpProxy,
     Worker,
     Workers,
     cost_nanos,
     recent,
     rows,
     scalar,
-    start_api,
     status_counts,
-    stop,
     usage_event,
     wait_until,
 )
-
-SETTLE = "workers.tasks.settle_usage"
-SWEEP = "workers.tasks.sweep"
-# Beat sends the sweep this often (billing.app.celery_init_app's beat_schedule).
-SWEEP_EVERY = 5.0
+from tests.reliability.support import (
+    SETTLE,
+    SWEEP,
+    assert_settled_exactly_once,
+    ingest,
+    wait_settled,
+)
+from tests.support import mirrored_state
 
 
 def nanos(usd: str) -> int:
     """A decimal USD string of the API as nano-dollars (parsed here, not by billing)."""
     return int(Decimal(usd) * 1_000_000_000)
-
-
-def ingest(api: Api, events: list[dict[str, Any]], *, batch: int = 1000) -> None:
-    """Post ``events`` in batches; every one must be accepted."""
-    with requests.Session() as session:
-        for start in range(0, len(events), batch):
-            chunk = events[start : start + batch]
-            response = api.post_usage(chunk, session=session)
-            assert response.status_code == 202, response.text
-            body = response.json()
-            assert (body["accepted"], body["duplicates"], body["rejected"]) == (len(chunk), 0, [])
 
 
 def backlog(
@@ -80,26 +63,6 @@ def backlog(
         usage_event(f"{tag}-{uuid.uuid4().hex}", keys[n % len(keys)], 100 + n % 977, n % 101, at)
         for n in range(events)
     ]
-
-
-def wait_settled(
-    engine: Engine, expected: int, celery: Celery | None = None, *, timeout: float = 30
-) -> None:
-    """Wait until nothing is pending and ``expected`` events are settled.
-
-    With ``celery``, sends the sweep every few seconds meanwhile, as beat does in production.
-    """
-    last_sweep = time.monotonic()
-
-    def done() -> bool:
-        nonlocal last_sweep
-        if celery is not None and time.monotonic() - last_sweep > SWEEP_EVERY:
-            celery.send_task(SWEEP)
-            last_sweep = time.monotonic()
-        counts = status_counts(engine)
-        return counts.get("pending", 0) == 0 and counts.get("settled", 0) >= expected
-
-    wait_until(done, f"{expected} events settled", timeout=timeout, every=0.1)
 
 
 def first_row(engine: Engine, sql: str, **params: Any) -> Any:
@@ -160,32 +123,6 @@ def freeze_inside_batch(engine: Engine, worker: Worker) -> Any:
             return found
         worker.process.send_signal(signal.SIGCONT)
     pytest.fail("could not catch the worker inside a batch")
-
-
-def assert_settled_exactly_once(engine: Engine, request_ids: set[str]) -> None:
-    """Every event settled once: counts, entries against events, balances against entries."""
-    assert status_counts(engine) == {"settled": len(request_ids)}
-    assert scalar(engine, "SELECT count(DISTINCT request_id) FROM usage_events") == len(request_ids)
-    stored = {row.request_id for row in rows(engine, "SELECT request_id FROM usage_events")}
-    assert stored == request_ids
-    assert scalar(engine, "SELECT count(*) FROM usage_events WHERE ledger_entry_id IS NULL") == 0
-    with Session(engine) as session:
-        assert [str(item) for item in settlement.verify_costs(session)] == []
-        assert [str(item) for item in ledger.reconcile(session)] == []
-    per_account = rows(
-        engine,
-        """
-        SELECT a.id,
-               (SELECT coalesce(sum(amount_nanos), 0) FROM ledger_entries l
-                 WHERE l.account_id = a.id AND l.kind = 'usage') AS entries,
-               (SELECT coalesce(sum(cost_nanos), 0) FROM usage_events e
-                 WHERE e.account_id = a.id) AS costs
-        FROM accounts a
-        """,
-    )
-    assert per_account
-    for account_id, entries, costs in per_account:
-        assert entries == -costs, account_id
 
 
 def post_concurrently(api: Api, batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -328,136 +265,6 @@ def test_two_workers_drain_a_backlog_together_without_overlap_or_gaps(
     assert sum(by_first) > 0 and sum(by_second) > 0, (by_first, by_second)
 
 
-def test_redis_flushed_mid_run_loses_no_event_and_the_mirror_is_rebuilt(
-    api: Api,
-    workers: Workers,
-    committed: Engine,
-    celery_client: Celery,
-    redis_client: redis.Redis,
-) -> None:
-    """FLUSHDB while usage streams in and settles: every accepted event settles, and the
-    key-state mirror is rebuilt from PostgreSQL."""
-    funded = api.create_account("flush-funded", credit_usd="1000")
-    keys = [api.create_key(funded, f"k{n}") for n in range(2)]
-    revoked = api.create_key(funded, "revoked")
-    assert api.admin("POST", f"/keys/{revoked}/revoke").status_code == 200
-    broke = api.create_key(api.create_account("flush-broke", credit_usd=None), "broke")
-    workers.start()
-    celery_client.send_task(SWEEP)  # beat runs all along
-
-    at, tag = recent(), uuid.uuid4().hex
-    accepted: set[str] = set()
-    failures: list[str] = []
-    posted = threading.Semaphore(0)
-    halt = threading.Event()
-
-    def post_continuously() -> None:
-        deadline = time.monotonic() + 40
-        with requests.Session() as session:
-            for number in range(200):
-                if halt.is_set() or time.monotonic() > deadline:
-                    return
-                batch = [
-                    usage_event(f"{tag}-{number}-{n}", keys[n % 2], 50 + n, number % 9, at)
-                    for n in range(100)
-                ]
-                try:
-                    response = api.post_usage(batch, session=session)
-                except requests.RequestException as exc:
-                    failures.append(repr(exc))
-                else:
-                    if response.status_code != 202 or response.json()["accepted"] != len(batch):
-                        failures.append(f"{response.status_code} {response.text}")
-                    else:
-                        accepted.update(event["request_id"] for event in batch)
-                posted.release()
-                time.sleep(0.02)
-
-    poster = threading.Thread(target=post_continuously)
-    poster.start()
-    try:
-        for _ in range(5):
-            assert posted.acquire(timeout=30)
-        wait_until(
-            lambda: status_counts(committed).get("settled", 0) > 0, "settlement to be running"
-        )
-        redis_client.flushdb()
-        assert redis_client.get(mirror.CURSOR) is None
-        for _ in range(10):
-            assert posted.acquire(timeout=30)
-    finally:
-        halt.set()
-        poster.join(timeout=30)
-    assert failures == []
-
-    celery_client.send_task(SWEEP)  # as beat would: the broker's queue went with the flush
-    wait_settled(committed, len(accepted), celery_client)
-    assert_settled_exactly_once(committed, accepted)
-
-    wait_until(lambda: redis_client.get(mirror.CURSOR) is not None, "the mirror cursor")
-    states = dict(rows(committed, "SELECT id, state FROM api_keys"))
-    expected = {
-        keys[0]: "active",
-        keys[1]: "active",
-        revoked: "revoked",
-        broke: "insufficient_balance",
-    }
-    assert states == expected
-    http = {"active": "200", "revoked": "401", "insufficient_balance": "402"}
-    for key_id, state in expected.items():
-        mirrored = mirror.mirrored_state(redis_client, key_id)
-        assert (mirrored.get("state"), mirrored.get("http_status")) == (state, http[state])
-
-
-def test_postgres_unreachable_answers_503_and_recovers(
-    redis_settings: Settings, committed: Engine, pg_proxy: TcpProxy, tmp_path: Path
-) -> None:
-    """PostgreSQL cut off behind a proxy: usage reports get an OpenAI-shaped 503 (never a 500)
-    and record nothing; once it is back, the same report is accepted."""
-    host = f"127.0.0.1:{pg_proxy.port}"
-    proxied_url = TEST_DATABASE_URL.replace("127.0.0.1:5432", host)
-    assert host in proxied_url, "TEST_DATABASE_URL must name 127.0.0.1:5432"
-    server = start_api(
-        worker_env(redis_settings) | {"DATABASE_URL": proxied_url},
-        tmp_path / "gunicorn.log",
-        workers=2,
-        threads=2,
-    )
-    try:
-        account_id = server.create_account("outage", credit_usd="10")
-        key_id = server.create_key(account_id)
-        at, tag = recent(), uuid.uuid4().hex
-        before = [usage_event(f"{tag}-a{n}", key_id, 100, 10, at) for n in range(20)]
-        during = [usage_event(f"{tag}-b{n}", key_id, 100, 10, at) for n in range(20)]
-        ingest(server, before)
-        assert pg_proxy.open_connections > 0
-
-        pg_proxy.stop()
-        for _ in range(6):  # enough to reach both gunicorn workers
-            response = server.post_usage(during)
-            assert response.status_code == 503, response.text
-            error = response.json()["error"]
-            assert error["code"] == "service_unavailable"
-            assert error["type"] == "server_error"
-            assert set(error) == {"message", "type", "param", "code"}
-        assert server.admin("GET", f"/accounts/{account_id}").status_code == 503
-
-        pg_proxy.start()
-        response = server.post_usage(during)
-        assert response.status_code == 202, response.text
-        assert response.json()["accepted"] == len(during), "a 503 recorded nothing"
-        for _ in range(4):  # both gunicorn workers are back
-            response = server.post_usage(before)
-            assert response.status_code == 202, response.text
-            assert response.json()["duplicates"] == len(before)
-        assert server.balance_usd(account_id) == "10.000000000"
-    finally:
-        stop(server.process)
-    log = server.log.read_text()
-    assert "database unavailable" in log
-    assert "unhandled error" not in log and "Traceback" not in log, log
-
-
 def test_account_at_zero_shows_its_keys_at_402_within_a_second_of_settlement(
     api: Api, workers: Workers, committed: Engine, redis_client: redis.Redis
 ) -> None:
@@ -477,7 +284,7 @@ def test_account_at_zero_shows_its_keys_at_402_within_a_second_of_settlement(
     assert api.balance_usd(account_id) == "0.000560000"
     for key_id in keys:
         assert api.admin("GET", f"/keys/{key_id}").json()["state"] == "active"
-        assert mirror.mirrored_state(redis_client, key_id)["state"] == "active"
+        assert mirrored_state(redis_client, key_id)["state"] == "active"
 
     def admin_402() -> bool:
         return all(
@@ -487,7 +294,7 @@ def test_account_at_zero_shows_its_keys_at_402_within_a_second_of_settlement(
         )
 
     def mirror_402() -> bool:
-        mirrored = [mirror.mirrored_state(redis_client, key_id) for key_id in keys]
+        mirrored = [mirrored_state(redis_client, key_id) for key_id in keys]
         return all(
             (state.get("state"), state.get("http_status")) == ("insufficient_balance", "402")
             for state in mirrored

@@ -98,4 +98,4 @@ def assert_json_error(
     assert body["error"]["message"]
     if param is not None:
         assert body["error"]["param"] == param
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]

@@ -21,7 +21,7 @@ MONEY_FIELDS = ("balance_usd", "held_usd", "available_usd")
 def create(admin: FlaskClient, **fields: Any) -> dict[str, Any]:
     response = admin.post("/admin/v1/accounts", json=fields)
     assert response.status_code == 201, response.get_json()
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def parse_time(value: str) -> dt.datetime:

@@ -85,7 +85,7 @@ def new_account(admin: FlaskClient) -> str:
 def new_key(admin: FlaskClient, account_id: str) -> dict[str, Any]:
     response = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "k"})
     assert response.status_code == 201
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 @pytest.fixture
@@ -216,7 +216,7 @@ def report(admin: FlaskClient, **query: Any) -> list[dict[str, Any]]:
     for row in body["data"]:
         assert isinstance(row["cost_usd"], str) and USD9.fullmatch(row["cost_usd"]), row
         assert set(row) == {*group_by, *COUNTERS, "cost_usd"}
-    return body["data"]  # type: ignore[no-any-return]
+    return body["data"]
 
 
 def keyed(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> dict[tuple[str, ...], Any]:
@@ -286,6 +286,7 @@ def test_the_report_equals_the_settled_events_in_the_database(
             )
         ).one()
         [row] = report(admin, group_by="account", account_id=account)
+        assert settled[1] is not None
         assert (row["requests"], nanos(row["cost_usd"])) == (settled[0], int(settled[1]))
 
 
