@@ -6,12 +6,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from decimal import Decimal
 from typing import Any, NamedTuple
 
 import pytest
@@ -19,26 +17,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from billing.catalog import catalog
 from billing.metering.usage_events import UsageEvent
+from tests.metering.support import CODE, LITE, MINI, SEED_PRICES, nanos
 from tests.support import assert_error
 
 USD9 = re.compile(r"[0-9]+\.[0-9]{9}")
 COUNTERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
-SEED = json.loads(catalog.default_price_file().read_text())
-
-
-def nanos(usd: str) -> int:
-    value = Decimal(usd) * 10**9
-    assert value == value.to_integral_value(), usd
-    return int(value)
-
-
-SEED_PRICES = {
-    model["id"]: (nanos(model["input_price_per_m"]), nanos(model["output_price_per_m"]))
-    for model in SEED["models"]
-}
-MINI, LITE, CODE = "doubao-seed-2-0-mini", "doubao-seed-2-0-lite", "doubao-seed-2-0-code"
 
 
 def cost(model: str, counts: tuple[int, int, int, int]) -> int:
