@@ -26,7 +26,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev
 run: $(VENV)/.installed-run
 	$(BIN)/billing serve
 
+# The customer-page tests drive Debian's headless chromium through Playwright (never
+# `playwright install`, which downloads a browser build at test time): installed here if missing.
 test: $(VENV)/.installed-dev
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(BIN)/python -m pytest
 
 # The benchmarks: real gunicorn, Celery, PostgreSQL and Redis on this machine; each writes its

@@ -8,6 +8,7 @@ transaction per test, and the real Redis of this machine.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -41,11 +42,24 @@ TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 # On a shared 2-core machine one example can take longer than Hypothesis's default 200 ms
 # deadline, and generating data can trip its too-slow health check, for reasons that have
-# nothing to do with the code; a failure still prints its seed.
+# nothing to do with the code.
 hypothesis_settings.register_profile(
     "shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 hypothesis_settings.load_profile("shared-machine")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Every Hypothesis test runs from one seed, drawn here unless ``--hypothesis-seed`` names
+    one, so that any failure is reproduced by running again with that seed."""
+    if config.getoption("hypothesis_seed") is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed")
+    return f"hypothesis seed: {seed} (reproduce a failure with --hypothesis-seed={seed})"
 ADMIN_TOKEN = "test-admin-token"
 GATEWAY_TOKEN = "test-gateway-token"
 SECRET_KEY = "test-server-secret"
