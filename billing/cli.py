@@ -11,18 +11,26 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
-from sqlalchemy import select
+import redis
+from pydantic import ValidationError
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from billing.access.auth import Role, ServiceToken, create_token
 from billing.app import create_app
 from billing.catalog import catalog
-from billing.core.db import utcnow
+from billing.core.db import make_engine, utcnow
 from billing.core.errors import BillingError
 from billing.core.migrate import upgrade
+from billing.core.money import format_usd
+from billing.core.settings import Settings
 from billing.enforcement import mirror
+from billing.health import doctor as checkup
 from billing.ledger import ledger
 from billing.metering import settlement
+from billing.payments.models import Payment
+from billing.payments.reconcile import reconcile as reconcile_payments
+from billing.payments.stripe_api import cents_to_nanos
 from billing.runtime import Runtime
 
 T = TypeVar("T")
@@ -132,6 +140,79 @@ def webhooks_deliver(watch: bool) -> None:
         if not watch:
             return
         time.sleep(5)
+
+
+@main.command()
+def doctor() -> None:
+    """Check this deployment and say what is wrong and what to do; exit 1 if anything is.
+
+    PostgreSQL's autovacuum and clock, the schema, the price table, webhook endpoints, Redis's
+    eviction policy, SECRET_KEY and the Stripe settings (README, "billing doctor").
+    """
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            click.echo(f"settings: {name}: {error['msg']}. Fix: correct it in the environment.")
+        sys.exit(1)
+    # Not the app: building it would generate the very SECRET_KEY file this may warn about.
+    client = None
+    if settings.redis_url:
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        findings = checkup.diagnose(settings, engine, client, clock=utcnow)
+    finally:
+        engine.dispose()
+    for finding in findings:
+        click.echo(str(finding))
+    if findings:
+        click.echo(f"{len(findings)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo("all checks passed")
+
+
+@main.group("stripe")
+def stripe_group() -> None:
+    """Stripe payments."""
+
+
+@stripe_group.command("reconcile")
+def stripe_reconcile() -> None:
+    """Credit recent succeeded Stripe payments that no webhook credited (what beat does every
+    10 minutes); exit 1 if Stripe is not configured or cannot be reached."""
+    runtime = _runtime()
+    with runtime.transaction() as session:
+        credited = _or_exit(
+            lambda: reconcile_payments(session, settings=runtime.settings, now=utcnow())
+        )
+        payments = session.scalars(
+            select(Payment).where(
+                or_(
+                    Payment.payment_intent_id.in_(credited),
+                    Payment.checkout_session_id.in_(credited),
+                )
+            )
+        ).all()
+    by_stripe_id = {
+        stripe_id: payment
+        for payment in payments
+        for stripe_id in (payment.payment_intent_id, payment.checkout_session_id)
+        if stripe_id
+    }
+    for stripe_id in credited:
+        payment = by_stripe_id.get(stripe_id)
+        if payment is None:
+            click.echo(f"credited {stripe_id}")
+            continue
+        click.echo(
+            f"credited {stripe_id}: {format_usd(cents_to_nanos(payment.amount_cents))} USD"
+            f" to account {payment.account_id} (payment {payment.id})"
+        )
+    click.echo(f"{len(credited)} payment(s) credited" if credited else "nothing to reconcile")
 
 
 def _token_command(role: Role) -> click.Command:

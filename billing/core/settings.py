@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         " PostgreSQL with row locks, or refuse with 503.",
     )
 
+    # Operations (billing.health)
+    ready_max_settlement_lag_seconds: float = Field(
+        300,
+        gt=0,
+        description="/readyz fails when the oldest usage event waiting for settlement is older.",
+    )
+
     # Violations (billing.accounts.violations)
     violation_threshold: int = Field(
         3, ge=1, description="Content violations within the window that suspend a key (451)."
