@@ -53,11 +53,20 @@ def db() -> None:
 
 @db.command("upgrade")
 def db_upgrade() -> None:
-    """Apply every pending migration."""
+    """Apply every pending migration, then load the shipped price table into an empty database.
+
+    The price table is loaded only while the database has no models (as `prices import
+    --if-empty` does), so a new deployment can bill at once and an operator's prices are never
+    touched.
+    """
     runtime = _runtime()
     runtime.settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(runtime.settings.sqlalchemy_url)
     click.echo("database is at the latest schema")
+    with runtime.transaction() as session:
+        if not catalog.has_models(session):
+            added = catalog.import_prices(session, catalog.default_price_file(), now=utcnow())
+            click.echo(f"loaded the default price table ({len(added)} price version(s))")
 
 
 @main.group()

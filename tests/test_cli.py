@@ -14,6 +14,7 @@ from billing.app import create_app
 from billing.catalog.catalog import PriceVersion
 from billing.cli import main
 from billing.core.db import transaction, utcnow
+from billing.core.migrate import upgrade
 from billing.core.money import parse_usd
 from billing.ledger import ledger
 from billing.runtime import Runtime
@@ -26,13 +27,13 @@ def run(*args: str, env: dict[str, str]) -> Result:
 
 @pytest.fixture
 def sqlite_env(tmp_path: Path) -> dict[str, str]:
-    """A fresh, migrated SQLite database of the embedded kind."""
+    """A fresh SQLite database of the embedded kind, migrated but with no price table yet."""
     env = {
         "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
         "REDIS_URL": "",
         "DATA_DIR": str(tmp_path),
     }
-    assert run("db", "upgrade", env=env).exit_code == 0
+    upgrade(env["DATABASE_URL"])
     return env
 
 
@@ -88,6 +89,31 @@ def test_default_price_table_imports_once(sqlite_env: dict[str, str]) -> None:
     assert "0 price version(s) added" in again.output
     assert len(versions(sqlite_env)) == 3
     assert "already loaded" in run("prices", "import", "--if-empty", env=sqlite_env).output
+
+
+def test_db_upgrade_loads_the_default_price_table_into_an_empty_database_only(
+    tmp_path: Path,
+) -> None:
+    empty = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        "REDIS_URL": "",
+        "DATA_DIR": str(tmp_path),
+    }
+    first = run("db", "upgrade", env=empty)
+    assert first.exit_code == 0, first.output
+    assert "loaded the default price table (3 price version(s))" in first.output
+    assert len(versions(empty)) == 3
+    again = run("db", "upgrade", env=empty)
+    assert again.exit_code == 0 and "loaded" not in again.output
+    assert len(versions(empty)) == 3
+
+    operated = empty | {"DATABASE_URL": f"sqlite:///{tmp_path / 'operated.sqlite3'}"}
+    upgrade(operated["DATABASE_URL"])
+    own = run("prices", "import", str(write_prices(tmp_path / "own.json")), env=operated)
+    assert own.exit_code == 0, own.output
+    result = run("db", "upgrade", env=operated)
+    assert result.exit_code == 0 and "loaded" not in result.output
+    assert versions(operated) == [("doubao-seed-2-0-lite", parse_usd("0.39"), parse_usd("1.99"))]
 
 
 def test_changed_price_adds_a_version_and_keeps_the_old(
