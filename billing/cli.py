@@ -59,7 +59,11 @@ def db_upgrade() -> None:
     --if-empty` does), so a new deployment can bill at once and an operator's prices are never
     touched.
     """
-    runtime = _runtime()
+    _migrate(_runtime())
+
+
+def _migrate(runtime: Runtime) -> None:
+    """Migrate to the latest schema and load the shipped price table into an empty database."""
     runtime.settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(runtime.settings.sqlalchemy_url)
     click.echo("database is at the latest schema")
@@ -271,13 +275,9 @@ def serve(workers: int, threads: int) -> None:
     """
     runtime = _runtime()
     settings = runtime.settings
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.sqlalchemy_url)
-    with runtime.transaction() as session:
-        if not catalog.has_models(session):
-            catalog.import_prices(session, catalog.default_price_file(), now=utcnow())
-            click.echo("loaded the default price table")
-        if settings.billing_admin_token is None:
+    _migrate(runtime)
+    if settings.billing_admin_token is None:
+        with runtime.transaction() as session:
             _first_admin_token(session, runtime, settings.data_dir / "admin_token")
     bind = f"127.0.0.1:{settings.port}"
     click.echo(f"serving on http://{bind} (API docs at http://{bind}/docs/swagger)")
