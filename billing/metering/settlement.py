@@ -50,6 +50,7 @@ class BatchResult:
     settled: int
     unpriced: int
     accounts_charged: int
+    charged_nanos: Nanos
 
 
 class PriceBook:
@@ -134,7 +135,7 @@ def settle_batch(
     falling to ``low_balance_nanos`` is announced (``billing.ledger.ledger.post_usage``)."""
     events = claim(session, limit)
     if not events:
-        return BatchResult(0, 0, 0, 0)
+        return BatchResult(0, 0, 0, 0, 0)
     book = PriceBook(session, (event.model for event in events))
     charges: dict[str, Nanos] = defaultdict(int)
     priced: list[tuple[Claimed, PriceVersion, Cost]] = []
@@ -174,7 +175,7 @@ def settle_batch(
         low_balance_nanos=low_balance_nanos,
         now=now,
     )
-    return BatchResult(len(events), len(priced), len(parked), len(entries))
+    return BatchResult(len(events), len(priced), len(parked), len(entries), sum(charges.values()))
 
 
 OUTCOME_COLUMNS = (
