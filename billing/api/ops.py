@@ -55,14 +55,15 @@ def register_docs(app: OpenAPI) -> None:
 def prometheus_metrics() -> Response:
     """The metrics of every process sharing ``PROMETHEUS_MULTIPROC_DIR`` and the gauges read now.
 
-    Requires ``Authorization: Bearer <METRICS_TOKEN>``; with no token set this is a 404, as if
-    the route did not exist, so it is never open by accident.
+    Requires ``Authorization: Bearer <METRICS_TOKEN>``; with no token set (or an empty one) this
+    is a 404, as if the route did not exist, so it is never open by accident.
     """
-    expected = settings().metrics_token
-    if expected is None:
+    configured = settings().metrics_token
+    expected = configured.get_secret_value() if configured is not None else ""
+    if not expected:
         abort(404)
     given = bearer_token() or ""
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    if not hmac.compare_digest(given.encode(), expected.encode()):
         raise Unauthenticated("A valid metrics token is required (Authorization: Bearer ...).")
     scraped = gauges.scrape(session(), current_runtime().hotpath, now=now())
     return Response(metrics.exposition(scraped), content_type=metrics.CONTENT_TYPE)

@@ -80,9 +80,7 @@ class Settings(BaseSettings):
 
     # Metrics (billing.core.metrics; PROMETHEUS_MULTIPROC_DIR is read by prometheus_client itself)
     metrics_token: SecretStr | None = Field(
-        None,
-        min_length=1,
-        description="Bearer token GET /metrics requires; unset: /metrics answers 404.",
+        None, description="Bearer token GET /metrics requires; unset or empty: /metrics is a 404."
     )
 
     @field_validator("webhook_retry_schedule")

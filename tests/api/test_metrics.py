@@ -62,6 +62,14 @@ def test_metrics_is_a_404_without_a_token_setting(client: FlaskClient, runtime: 
     )
 
 
+def test_an_empty_token_setting_is_no_token(client: FlaskClient, metrics_runtime: Runtime) -> None:
+    metrics_runtime.settings = metrics_runtime.settings.model_copy(
+        update={"metrics_token": SecretStr("")}
+    )
+    assert_error(client.get("/metrics"), 404, "not_found")
+    assert_error(client.get("/metrics", headers={"Authorization": "Bearer "}), 404, "not_found")
+
+
 def test_metrics_requires_the_token(
     client: FlaskClient, scraper: FlaskClient, admin: FlaskClient
 ) -> None:
