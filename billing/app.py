@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from billing.api import SECURITY_SCHEMES, register
 from billing.api.hot import AuthorizeFastPath
+from billing.api.ops import instrument
 from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     sessions = make_sessionmaker(engine)
     runtime = Runtime(settings, engine, sessions, redis=client)
     app.extensions["billing"] = runtime
+    instrument(app)
     app.after_request(_commit_on_success)
     app.teardown_request(_close_session)
     register(app)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.access.auth import ActorCache
 from billing.accounts.accounts import Account, Funds
-from billing.core import effects
+from billing.core import effects, metrics
 from billing.core.db import transaction, utcnow
 from billing.core.settings import Settings
 from billing.enforcement import mirror
@@ -109,6 +109,8 @@ class Runtime:
     def after_commit(self, session: Session) -> None:
         """Carry out what the committed transaction asked for."""
         marks = effects.take(session)
+        for state in marks.new_states:
+            metrics.KEY_STATE_CHANGES.labels(state=state).inc()
         changed = marks.changed_keys
         if changed and self.redis is not None:
             try:
@@ -166,6 +168,9 @@ class Runtime:
                     now=utcnow(),
                     limit=limit,
                 )
+            if result.settled:
+                metrics.SETTLED_EVENTS.inc(result.settled)
+                metrics.CHARGED_NANOS.inc(result.charged_nanos)
             if total == 0 and result.claimed == limit and self.celery is not None and self.redis:
                 # A backlog: ask another worker to drain beside this one (SKIP LOCKED keeps
                 # them apart). Each drain asks once, so helpers never outnumber the backlog.
@@ -217,6 +222,7 @@ class Runtime:
             hmac_key=settings.hmac_key,
             schedule=delivery.RETRY_SCHEDULE if schedule is None else schedule,
             timeout=settings.webhook_timeout_seconds,
+            on_outcome=lambda outcome: metrics.WEBHOOK_DELIVERIES.labels(outcome=outcome).inc(),
         )
 
 

@@ -60,6 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     seed = config.getoption("hypothesis_seed")
     return f"hypothesis seed: {seed} (reproduce a failure with --hypothesis-seed={seed})"
+
+
 ADMIN_TOKEN = "test-admin-token"
 GATEWAY_TOKEN = "test-gateway-token"
 SECRET_KEY = "test-server-secret"

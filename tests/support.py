@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from billing.enforcement import mirror
 
@@ -70,3 +71,19 @@ def mirrored_state(client: redis.Redis, key_id: str) -> dict[str, str]:
     """What the Redis mirror holds for a key (empty if nothing)."""
     stored: dict[bytes, bytes] = client.hgetall(mirror.key_name(key_id))  # type: ignore[assignment]
     return {name.decode(): value.decode() for name, value in stored.items()}
+
+
+def metric_samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition, by sample name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def sample(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    """One sample's value (0 when it is absent, as an untouched counter is)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

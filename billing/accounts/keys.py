@@ -32,7 +32,7 @@ from billing.accounts.key_states import (
 )
 from billing.catalog import catalog
 from billing.core.db import Base, BigIntId
-from billing.core.effects import mark_account, mark_keys_changed
+from billing.core.effects import mark_account, mark_keys_changed, mark_state_changed
 from billing.core.errors import InvalidRequest, NotFound
 from billing.core.ids import keyed_hash, mask, new_id, new_secret
 from billing.notify import outbox
@@ -229,7 +229,7 @@ def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.da
         now=now,
     )
     key.state = new
-    mark_keys_changed(session, [key.id])
+    mark_state_changed(session, key.id, new)
     return True
 
 

@@ -22,7 +22,8 @@ from billing.accounts.keys import KeyStateChange
 from billing.accounts.violations import Reported
 from billing.api import schemas
 from billing.catalog.usage import MAX_TOKENS
-from billing.core.errors import InvalidRequest
+from billing.core import metrics
+from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import format_usd
 from billing.enforcement.authorize import Authorization, AuthorizeRequest
 from billing.http.context import bearer_token, now, session, settings
@@ -114,7 +115,17 @@ def authorize(body: AuthorizeIn) -> dict[str, Any]:
 
     Served by `billing.api.hot` without Flask whenever Redis and memory can answer.
     """
-    return authorized(current_runtime().authorizer.authorize(session, body.request(), now=now()))
+    try:
+        result = current_runtime().authorizer.authorize(session, body.request(), now=now())
+    except BillingError as exc:
+        metrics.count_authorize(exc.status, exc.code, path="app")
+        raise
+    metrics.count_authorize(200, ALLOWED, path="app")
+    return authorized(result)
+
+
+ALLOWED = "allowed"
+"""The code an allowing authorize is counted under (``billing_authorize_decisions_total``)."""
 
 
 def authorized(result: Authorization) -> dict[str, Any]:
@@ -218,6 +229,9 @@ def report_usage() -> Response | tuple[Response, int]:
         )
     result = usage_events.ingest(
         session(), items, prefix_items=batch, hmac_key=settings().hmac_key, now=now()
+    )
+    metrics.count_usage(
+        accepted=result.accepted, duplicates=result.duplicates, rejected=len(result.rejected)
     )
     if not batch and result.rejected:
         raise result.rejected[0].error

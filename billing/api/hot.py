@@ -14,6 +14,7 @@ are rendered by the same functions as the route's.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,8 @@ import orjson
 from pydantic import ValidationError
 
 from billing.access.auth import Role
-from billing.api.gateway import AuthorizeIn, authorized
+from billing.api.gateway import ALLOWED, AuthorizeIn, authorized
+from billing.core import metrics
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
 from billing.enforcement.authorize import NeedsDatabase
@@ -44,18 +46,24 @@ class AuthorizeFastPath:
         self.runtime = runtime
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if (
-            environ.get("PATH_INFO") != PATH
-            or environ.get("REQUEST_METHOD") != "POST"
-            or self.runtime.hotpath is None
-        ):
+        if environ.get("PATH_INFO") != PATH or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        answer = self._answer(environ, body)
+        started = time.perf_counter()
+        answer = None
+        if self.runtime.hotpath is not None:
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            answer = self._answer(environ, body)
+            if answer is None:
+                environ["wsgi.input"] = io.BytesIO(body)
         if answer is None:
-            environ["wsgi.input"] = io.BytesIO(body)
-            return self.app(environ, start_response)
+            # The Flask route counts its decision; its time is counted here, whole.
+            response = self.app(environ, start_response)
+            metrics.AUTHORIZE_APP_SECONDS.observe(time.perf_counter() - started)
+            return response
         status, document, headers = answer
+        metrics.count_authorize(
+            status, document["error"]["code"] if status != 200 else ALLOWED, path="fast"
+        )
         payload = orjson.dumps(document) + b"\n"
         start_response(
             f"{status} {HTTPStatus(status).phrase}",
@@ -65,6 +73,7 @@ class AuthorizeFastPath:
                 *headers,
             ],
         )
+        metrics.AUTHORIZE_FAST_SECONDS.observe(time.perf_counter() - started)
         return [payload]
 
     def _answer(

@@ -16,6 +16,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel
 
 from billing.api import schemas
+from billing.core import metrics
 from billing.http.context import now, session, settings
 from billing.payments import stripe_api, stripe_events
 
@@ -39,8 +40,18 @@ class StripeWebhookOut(BaseModel):
 def receive_stripe_event() -> dict[str, Any]:
     """Apply a Stripe event signed with the endpoint's secret (`Stripe-Signature`), once."""
     config = settings()
-    event = stripe_api.verify_event(
-        request.get_data(cache=True), request.headers.get("Stripe-Signature"), config
-    )
-    applied = stripe_events.handle_event(session(), event, settings=config, now=now())
+    try:
+        event = stripe_api.verify_event(
+            request.get_data(cache=True), request.headers.get("Stripe-Signature"), config
+        )
+    except stripe_api.InvalidSignature:
+        metrics.STRIPE_EVENTS.labels(type="unverified", outcome="invalid_signature").inc()
+        raise
+    kind = str(event.get("type"))
+    try:
+        applied = stripe_events.handle_event(session(), event, settings=config, now=now())
+    except Exception:
+        metrics.STRIPE_EVENTS.labels(type=kind, outcome="error").inc()
+        raise
+    metrics.STRIPE_EVENTS.labels(type=kind, outcome="applied" if applied else "duplicate").inc()
     return {"received": True, "id": event["id"], "duplicate": not applied}

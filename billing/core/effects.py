@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 CHANGED_KEYS = "changed_keys"
+NEW_STATES = "new_key_states"
 USAGE_PENDING = "usage_pending"
 PRICES_CHANGED = "prices_changed"
 WEBHOOKS_PENDING = "webhooks_pending"
@@ -38,6 +39,8 @@ class Marks:
 
     changed_keys: list[str]
     """Ids of the keys whose state changed."""
+    new_states: list[str]
+    """The new state of each key-state change (counted in ``billing.core.metrics``)."""
     usage_pending: bool
     prices_changed: bool
     webhooks_pending: bool
@@ -48,6 +51,12 @@ class Marks:
 def mark_keys_changed(session: Session, key_ids: Iterable[str]) -> None:
     """The keys with these ids changed state: mirror them after commit."""
     session.info.setdefault(CHANGED_KEYS, []).extend(key_ids)
+
+
+def mark_state_changed(session: Session, key_id: str, new_state: str) -> None:
+    """The key with this id changed to ``new_state``: mirror it and count the change."""
+    mark_keys_changed(session, [key_id])
+    session.info.setdefault(NEW_STATES, []).append(new_state)
 
 
 def mark_usage_pending(session: Session) -> None:
@@ -92,6 +101,7 @@ def take(session: Session) -> Marks:
     info = session.info
     return Marks(
         changed_keys=info.pop(CHANGED_KEYS, []),
+        new_states=info.pop(NEW_STATES, []),
         usage_pending=info.pop(USAGE_PENDING, False),
         prices_changed=info.pop(PRICES_CHANGED, False),
         webhooks_pending=info.pop(WEBHOOKS_PENDING, False),

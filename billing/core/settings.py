@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         24, gt=0, description="The window, in hours, in which violations count toward suspension."
     )
 
+    # Metrics (billing.core.metrics; PROMETHEUS_MULTIPROC_DIR is read by prometheus_client itself)
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token GET /metrics requires; unset or empty: /metrics is a 404."
+    )
+
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:

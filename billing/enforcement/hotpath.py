@@ -201,6 +201,15 @@ class HotPath:
             if count < batch:
                 return total
 
+    def open_holds(self, *, page: int = 1000) -> tuple[int, int]:
+        """How many holds are open here, and their sum in nano-dollars (read page by page, so
+        that Redis is never blocked for long)."""
+        count = total = 0
+        for _, hold in self.client.hscan_iter(HOLDS, count=page):
+            count += 1
+            total += int(hold.split(b" ", 3)[2])
+        return count, total
+
     def held_nanos(self, account_id: str) -> int:
         """The account's open holds in Redis."""
         held = self.client.hget(ACCOUNT_PREFIX + account_id, "held")

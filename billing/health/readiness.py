@@ -15,12 +15,12 @@ from functools import cache
 import redis
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from billing.core.errors import BillingError
 from billing.core.migrate import alembic_config
-from billing.metering.usage_events import EventStatus, UsageEvent
+from billing.metering import settlement
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,9 @@ def migrations_check(connection: Connection) -> Check:
     return Check("migrations", False, f"database at {found}, code expects {', '.join(heads)}")
 
 
-def oldest_pending_age(session: Session, *, now: dt.datetime) -> dt.timedelta | None:
-    """How long ago the oldest usage event still waiting for settlement was received (None:
-    nothing is pending). Ids grow with arrival, so the pending index answers this at once."""
-    received = session.scalar(
-        select(UsageEvent.received_at)
-        .where(UsageEvent.status == EventStatus.PENDING)
-        .order_by(UsageEvent.id)
-        .limit(1)
-    )
-    return None if received is None else max(now - received, dt.timedelta(0))
-
-
 def settlement_lag_check(session: Session, *, limit: dt.timedelta, now: dt.datetime) -> Check:
     """Whether the oldest pending usage event is younger than ``limit``."""
-    age = oldest_pending_age(session, now=now)
+    age = settlement.settlement_lag(session, now=now)
     if age is None:
         return Check("settlement_lag", True, "no usage event is waiting for settlement")
     seconds, limit_seconds = int(age.total_seconds()), int(limit.total_seconds())

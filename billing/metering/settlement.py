@@ -50,6 +50,7 @@ class BatchResult:
     settled: int
     unpriced: int
     accounts_charged: int
+    charged_nanos: Nanos
 
 
 class PriceBook:
@@ -134,7 +135,7 @@ def settle_batch(
     falling to ``low_balance_nanos`` is announced (``billing.ledger.ledger.post_usage``)."""
     events = claim(session, limit)
     if not events:
-        return BatchResult(0, 0, 0, 0)
+        return BatchResult(0, 0, 0, 0, 0)
     book = PriceBook(session, (event.model for event in events))
     charges: dict[str, Nanos] = defaultdict(int)
     priced: list[tuple[Claimed, PriceVersion, Cost]] = []
@@ -174,7 +175,7 @@ def settle_batch(
         low_balance_nanos=low_balance_nanos,
         now=now,
     )
-    return BatchResult(len(events), len(priced), len(parked), len(entries))
+    return BatchResult(len(events), len(priced), len(parked), len(entries), sum(charges.values()))
 
 
 OUTCOME_COLUMNS = (
@@ -334,3 +335,16 @@ def _entries_against_events(session: Session) -> list[tuple[int, Nanos, Nanos]]:
         )
     )
     return [(entry_id, amount, int(total)) for entry_id, amount, total in rows]
+
+
+def settlement_lag(session: Session, *, now: dt.datetime) -> dt.timedelta | None:
+    """How long ago the oldest usage event still waiting for settlement was received (None:
+    nothing is pending). The lowest pending id rather than min(received_at) over a backlog that
+    may be millions of rows: ids follow arrival, so the pending index answers this at once."""
+    received = session.scalar(
+        select(EVENTS.c.received_at)
+        .where(EVENTS.c.status == EventStatus.PENDING)
+        .order_by(EVENTS.c.id)
+        .limit(1)
+    )
+    return None if received is None else max(now - received, dt.timedelta(0))

@@ -219,8 +219,9 @@ def _record(
     *,
     schedule: Sequence[float],
     now: dt.datetime,
-) -> None:
-    """Log the attempt and settle the delivery: succeeded, retried later, or failed."""
+) -> str | None:
+    """Log the attempt and settle the delivery: succeeded, retried later, or failed; returns
+    which (``succeeded``, ``retry_scheduled``, ``failed``), or None if another worker took it."""
     with transaction(sessions) as session:
         session.add(
             WebhookAttempt(
@@ -237,17 +238,19 @@ def _record(
             .with_for_update(of=WebhookDelivery)
         ).one()
         if delivery.status != DeliveryStatus.PENDING or delivery.attempts != claim.attempt:
-            return  # the lease ran out and another worker took the delivery over
+            return None  # the lease ran out and another worker took the delivery over
         delivery.last_status_code = outcome.status_code
         delivery.last_error = outcome.error
         if outcome.succeeded:
             delivery.status = DeliveryStatus.SUCCEEDED
             delivery.next_attempt_at = None
             delivery.delivered_at = now
-        elif claim.attempt <= len(schedule):
+            return "succeeded"
+        if claim.attempt <= len(schedule):
             delivery.next_attempt_at = now + dt.timedelta(seconds=schedule[claim.attempt - 1])
-        else:
-            delivery.give_up(outcome.error or "failed")
+            return "retry_scheduled"
+        delivery.give_up(outcome.error or "failed")
+        return "failed"
 
 
 def deliver_due(
@@ -258,11 +261,13 @@ def deliver_due(
     timeout: float = DEFAULT_TIMEOUT,
     clock: Callable[[], dt.datetime] = utcnow,
     limit: int = 50,
+    on_outcome: Callable[[str], None] | None = None,
 ) -> int:
     """Send due deliveries, one at a time, until none is due or ``limit`` were tried.
 
     Each is claimed, signed and posted, and its attempt recorded, in transactions of their own
-    (``sessions`` makes them). Returns the number of attempts made.
+    (``sessions`` makes them); ``on_outcome`` hears each recorded outcome (as ``_record``
+    returns it) once committed. Returns the number of attempts made.
     """
     lease = dt.timedelta(seconds=timeout) * 2 + LEASE_MARGIN
     made = 0
@@ -280,6 +285,8 @@ def deliver_due(
                     claim.attempt,
                     outcome.error,
                 )
-            _record(sessions, claim, outcome, schedule=schedule, now=clock())
+            recorded = _record(sessions, claim, outcome, schedule=schedule, now=clock())
+            if recorded is not None and on_outcome is not None:
+                on_outcome(recorded)
             made += 1
     return made
