@@ -35,6 +35,7 @@ from billing.core.settings import Settings
 from tests.conftest import (
     ADMIN_TOKEN,
     GATEWAY_TOKEN,
+    QUEUES,
     TEST_DATABASE_URL,
     worker_command,
     worker_env,
@@ -234,8 +235,11 @@ class Workers:
     started: list[Worker] = field(default_factory=list)
     _serial: Iterator[int] = field(default_factory=itertools.count)
 
-    def start(self, count: int = 1) -> list[Worker]:
-        """``count`` workers started together, returned once each answers a ping."""
+    def start(
+        self, count: int = 1, *, queues: tuple[str, ...] = QUEUES, as_in_production: bool = False
+    ) -> list[Worker]:
+        """``count`` workers consuming ``queues``, started together, returned once each answers
+        a ping (``as_in_production``: see ``worker_command``)."""
         batch = []
         for _ in range(count):
             serial = next(self._serial)
@@ -246,7 +250,7 @@ class Workers:
             }
             log = self.directory / f"{name}.log"
             process = subprocess.Popen(
-                worker_command(name),
+                worker_command(name, queues, as_in_production=as_in_production),
                 cwd=ROOT,
                 env=env,
                 stdout=log.open("ab"),
@@ -386,6 +390,70 @@ def pg_proxy() -> Iterator[TcpProxy]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+# A Redis server of a test's own, to restart
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` without persistence on a port of its own: a restart empties it."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start it, and return once it answers PING."""
+        assert self.process is None or self.process.poll() is not None
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, f"redis-server on port {self.port} to answer")
+        client.close()
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE, as a crash or a restart without persistence loses everything."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=True)
+        stop(self.process)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running Redis server of the test's own, stopped at teardown."""
+    server = RedisServer(free_port(), tmp_path / "redis-server.log")
+    server.start()
+    yield server
+    server.stop()
 
 
 # Usage events and what PostgreSQL says about them
