@@ -180,13 +180,44 @@ def start_api(env: dict[str, str], log: Path, *, workers: int = 2, threads: int 
     return Api(base, process, log)
 
 
+# The brokers the worker tests run on: Redis (the default) and RabbitMQ (CELERY_BROKER_URL).
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BROKERS = ("redis", "rabbitmq")
+
+
+@pytest.fixture(scope="module")
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker of the API and workers of the module's tests: Redis, unless a test is
+    parametrised over ``BROKERS`` (``indirect=True, scope="module"``)."""
+    name: str = getattr(request, "param", "redis")
+    assert name in BROKERS
+    return name
+
+
+@pytest.fixture(scope="module")
+def broker_settings(redis_settings: Settings, broker: str) -> Settings:
+    """The test settings, with ``broker`` as the Celery broker (Redis stays for the rest)."""
+    if broker == "redis":
+        return redis_settings
+    return redis_settings.model_copy(update={"celery_broker_url": RABBITMQ_URL})
+
+
+@pytest.fixture(scope="module")
+def celery_client(broker_settings: Settings) -> Celery:
+    """A Celery app that sends tasks through the module's broker to real worker processes."""
+    from billing.app import create_app
+
+    celery: Celery = create_app(broker_settings).extensions["celery"]
+    return celery
+
+
 @pytest.fixture(scope="module")
 def api(
-    redis_settings: Settings, app: Any, tmp_path_factory: pytest.TempPathFactory
+    broker_settings: Settings, app: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
     """One gunicorn for the module (``app`` has loaded the shipped price table first)."""
     server = start_api(
-        worker_env(redis_settings), tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
+        worker_env(broker_settings), tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
     )
     yield server
     stop(server.process)
@@ -278,10 +309,11 @@ class Workers:
 
 @pytest.fixture
 def workers(
-    committed: Engine, redis_settings: Settings, celery_client: Celery, tmp_path: Path
+    committed: Engine, broker_settings: Settings, celery_client: Celery, tmp_path: Path
 ) -> Iterator[Workers]:
-    """Worker processes, stopped before ``committed`` truncates the tables."""
-    pool = Workers(redis_settings, celery_client, tmp_path)
+    """Worker processes on the module's broker, stopped before ``committed`` truncates the
+    tables."""
+    pool = Workers(broker_settings, celery_client, tmp_path)
     yield pool
     pool.stop_all()
 
