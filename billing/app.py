@@ -13,6 +13,7 @@ from celery import Celery, Task
 from flask import Flask, Response, g
 from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import Info, OpenAPI
+from kombu import Queue
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -23,7 +24,7 @@ from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
 from billing.http.errors import commit_failed
-from billing.runtime import Runtime, current_runtime
+from billing.runtime import WEBHOOKS_QUEUE, WEBHOOKS_TASK, Runtime, current_runtime
 from billing.web import init_app as init_web
 
 __all__ = ["create_app"]
@@ -129,7 +130,8 @@ def _close_session(_exc: BaseException | None) -> None:
 def celery_init_app(app: Flask) -> Celery[Any]:
     """Attach a Celery app whose tasks run inside a Flask app context (the Flask pattern)."""
 
-    class FlaskTask(Task[Any, Any]):
+    # Celery 5.6's Task is generic only in its type stubs (celery-types), not at run time.
+    class FlaskTask(Task):  # type: ignore[type-arg]
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             with app.app_context():
                 return self.run(*args, **kwargs)
@@ -137,14 +139,23 @@ def celery_init_app(app: Flask) -> Celery[Any]:
     settings: Settings = app.extensions["billing"].settings
     celery: Celery[Any] = Celery(app.name, task_cls=FlaskTask)
     celery.conf.update(
-        broker_url=settings.redis_url or "memory://",
+        broker_url=settings.broker_url or "memory://",
         result_backend=settings.redis_url,
+        # Webhook delivery waits on receivers (up to WEBHOOK_TIMEOUT_SECONDS a request), so it
+        # has a queue of its own, consumed by its own workers: a slow receiver never holds up
+        # settlement. A worker started without --queues consumes both.
+        task_default_queue="celery",
+        task_queues=[Queue("celery"), Queue(WEBHOOKS_QUEUE)],
+        task_routes={WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE}},
         # Embedded default: no broker, so tasks run in-process when sent.
         task_always_eager=settings.embedded,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
+        # A broker down for long (the default gives up after 100 attempts, about 50 minutes)
+        # would stop the worker for good; reconnecting is always right.
+        broker_connection_max_retries=None,
         include=["workers.tasks"],
         # The sweep settles whatever a lost trigger left pending and catches the mirror up.
         beat_schedule={
@@ -154,7 +165,11 @@ def celery_init_app(app: Flask) -> Celery[Any]:
             "expire-holds": {"task": "workers.tasks.expire_holds", "schedule": 10.0},
             # Retries fall due on the schedule of billing.notify.delivery; this sends them (and any
             # delivery whose after-commit trigger was lost).
-            "deliver-webhooks": {"task": "workers.tasks.deliver_webhooks", "schedule": 5.0},
+            "deliver-webhooks": {
+                "task": WEBHOOKS_TASK,
+                "schedule": 5.0,
+                "options": {"queue": WEBHOOKS_QUEUE},
+            },
             # Idempotent and cheap, so it runs often rather than once at 00:00 UTC on the 1st,
             # which a beat that is down at that moment would miss.
             "monthly-rollover": {"task": "workers.tasks.monthly_rollover", "schedule": 60.0},

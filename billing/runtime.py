@@ -42,6 +42,8 @@ SETTLE_TASK = "workers.tasks.settle_usage"
 # A trigger coalesces the ingests of this many seconds into one settlement task.
 SETTLE_FLAG_TTL = 2
 WEBHOOKS_TASK = "workers.tasks.deliver_webhooks"
+# The queue of WEBHOOKS_TASK (billing.app routes it there), so receivers never delay settlement.
+WEBHOOKS_QUEUE = "webhooks"
 
 
 @dataclass
@@ -209,7 +211,7 @@ class Runtime:
         if self.redis is None:
             return
         try:
-            self.celery.send_task(WEBHOOKS_TASK, retry=False)
+            self.celery.send_task(WEBHOOKS_TASK, queue=WEBHOOKS_QUEUE, retry=False)
         except Exception:
             log.warning("could not trigger webhook delivery; beat sends it shortly", exc_info=True)
 

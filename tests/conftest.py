@@ -191,6 +191,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return os.environ | {
         "DATABASE_URL": TEST_DATABASE_URL,
         "REDIS_URL": settings.redis_url,
+        "CELERY_BROKER_URL": settings.broker_url or "",
         "SECRET_KEY": settings.secret_key.get_secret_value(),
         "BILLING_ADMIN_TOKEN": settings.billing_admin_token.get_secret_value(),
         "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
@@ -198,8 +199,24 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def worker_command(name: str) -> list[str]:
-    """The command line of a real Celery worker process named ``name``."""
+# The queues of billing.app's Celery config: settlement and the rest, and webhook delivery.
+QUEUES = ("celery", "webhooks")
+
+
+def worker_command(
+    name: str, queues: tuple[str, ...] = QUEUES, *, as_in_production: bool = False
+) -> list[str]:
+    """The command line of a real Celery worker process named ``name``, consuming ``queues``
+    (by default both, as one worker must when no other consumes webhooks).
+
+    A lean single-process worker, or ``as_in_production`` one as docker-compose.yml runs it:
+    two prefork children, with gossip and mingle.
+    """
+    options = (
+        ["--concurrency=2"]
+        if as_in_production
+        else ["--pool=solo", "--without-gossip", "--without-mingle"]
+    )
     return [
         sys.executable,
         "-m",
@@ -207,11 +224,10 @@ def worker_command(name: str) -> list[str]:
         "-A",
         "workers.app",
         "worker",
-        "--pool=solo",
+        *options,
         f"--hostname={name}@%h",
         "--loglevel=INFO",
-        "--without-gossip",
-        "--without-mingle",
+        f"--queues={','.join(queues)}",
     ]
 
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default: SQLite in DATA_DIR."
     )
     redis_url: str | None = Field(None, description="Redis URL; unset: no Redis, tasks in-process.")
+    celery_broker_url: str | None = Field(
+        None,
+        description="Celery broker: Redis (redis://) or RabbitMQ (amqp://); default: REDIS_URL.",
+    )
     secret_key: SecretStr | None = Field(
         None,
         description="HMAC key for API keys and tokens; default: generated once into DATA_DIR.",
@@ -133,6 +137,13 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+    @property
+    def broker_url(self) -> str | None:
+        """The Celery broker in force: CELERY_BROKER_URL, else REDIS_URL (None when embedded)."""
+        if self.embedded:
+            return None
+        return self.celery_broker_url or self.redis_url
 
     @property
     def embedded(self) -> bool:

@@ -35,6 +35,7 @@ from billing.core.settings import Settings
 from tests.conftest import (
     ADMIN_TOKEN,
     GATEWAY_TOKEN,
+    QUEUES,
     TEST_DATABASE_URL,
     worker_command,
     worker_env,
@@ -179,13 +180,44 @@ def start_api(env: dict[str, str], log: Path, *, workers: int = 2, threads: int 
     return Api(base, process, log)
 
 
+# The brokers the worker tests run on: Redis (the default) and RabbitMQ (CELERY_BROKER_URL).
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BROKERS = ("redis", "rabbitmq")
+
+
+@pytest.fixture(scope="module")
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker of the API and workers of the module's tests: Redis, unless a test is
+    parametrised over ``BROKERS`` (``indirect=True, scope="module"``)."""
+    name: str = getattr(request, "param", "redis")
+    assert name in BROKERS
+    return name
+
+
+@pytest.fixture(scope="module")
+def broker_settings(redis_settings: Settings, broker: str) -> Settings:
+    """The test settings, with ``broker`` as the Celery broker (Redis stays for the rest)."""
+    if broker == "redis":
+        return redis_settings
+    return redis_settings.model_copy(update={"celery_broker_url": RABBITMQ_URL})
+
+
+@pytest.fixture(scope="module")
+def celery_client(broker_settings: Settings) -> Celery:
+    """A Celery app that sends tasks through the module's broker to real worker processes."""
+    from billing.app import create_app
+
+    celery: Celery = create_app(broker_settings).extensions["celery"]
+    return celery
+
+
 @pytest.fixture(scope="module")
 def api(
-    redis_settings: Settings, app: Any, tmp_path_factory: pytest.TempPathFactory
+    broker_settings: Settings, app: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
     """One gunicorn for the module (``app`` has loaded the shipped price table first)."""
     server = start_api(
-        worker_env(redis_settings), tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
+        worker_env(broker_settings), tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
     )
     yield server
     stop(server.process)
@@ -234,8 +266,11 @@ class Workers:
     started: list[Worker] = field(default_factory=list)
     _serial: Iterator[int] = field(default_factory=itertools.count)
 
-    def start(self, count: int = 1) -> list[Worker]:
-        """``count`` workers started together, returned once each answers a ping."""
+    def start(
+        self, count: int = 1, *, queues: tuple[str, ...] = QUEUES, as_in_production: bool = False
+    ) -> list[Worker]:
+        """``count`` workers consuming ``queues``, started together, returned once each answers
+        a ping (``as_in_production``: see ``worker_command``)."""
         batch = []
         for _ in range(count):
             serial = next(self._serial)
@@ -246,7 +281,7 @@ class Workers:
             }
             log = self.directory / f"{name}.log"
             process = subprocess.Popen(
-                worker_command(name),
+                worker_command(name, queues, as_in_production=as_in_production),
                 cwd=ROOT,
                 env=env,
                 stdout=log.open("ab"),
@@ -274,10 +309,11 @@ class Workers:
 
 @pytest.fixture
 def workers(
-    committed: Engine, redis_settings: Settings, celery_client: Celery, tmp_path: Path
+    committed: Engine, broker_settings: Settings, celery_client: Celery, tmp_path: Path
 ) -> Iterator[Workers]:
-    """Worker processes, stopped before ``committed`` truncates the tables."""
-    pool = Workers(redis_settings, celery_client, tmp_path)
+    """Worker processes on the module's broker, stopped before ``committed`` truncates the
+    tables."""
+    pool = Workers(broker_settings, celery_client, tmp_path)
     yield pool
     pool.stop_all()
 
@@ -386,6 +422,70 @@ def pg_proxy() -> Iterator[TcpProxy]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+# A Redis server of a test's own, to restart
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` without persistence on a port of its own: a restart empties it."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start it, and return once it answers PING."""
+        assert self.process is None or self.process.poll() is not None
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, f"redis-server on port {self.port} to answer")
+        client.close()
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE, as a crash or a restart without persistence loses everything."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=True)
+        stop(self.process)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running Redis server of the test's own, stopped at teardown."""
+    server = RedisServer(free_port(), tmp_path / "redis-server.log")
+    server.start()
+    yield server
+    server.stop()
 
 
 # Usage events and what PostgreSQL says about them

@@ -4,6 +4,7 @@ PostgreSQL cut off answers an OpenAI-shaped 503, records nothing, and recovers."
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -14,15 +15,18 @@ import requests
 from celery import Celery
 from sqlalchemy import Engine
 
+from billing.app import create_app
 from billing.core.settings import Settings
 from billing.enforcement import mirror
-from tests.conftest import TEST_DATABASE_URL, worker_env
+from tests.conftest import TEST_DATABASE_URL, make_settings, worker_env
 from tests.reliability.conftest import (
     Api,
+    RedisServer,
     TcpProxy,
     Workers,
     recent,
     rows,
+    scalar,
     start_api,
     status_counts,
     stop,
@@ -166,3 +170,74 @@ def test_postgres_unreachable_answers_503_and_recovers(
     log = server.log.read_text()
     assert "database unavailable" in log
     assert "unhandled error" not in log and "Traceback" not in log, log
+
+
+def test_a_worker_rides_out_a_redis_restart_and_settles_what_follows(
+    committed: Engine, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Redis (broker, mirror and all) restarted without persistence while a worker settles a
+    stream of usage: the worker stays up, reconnects by itself, and events reported once Redis
+    is back settle within 10 s of it; every accepted event settles exactly once."""
+    settings = make_settings(tmp_path / "data", redis_url=own_redis.url)
+    celery: Celery = create_app(settings).extensions["celery"]
+    server = start_api(worker_env(settings), tmp_path / "gunicorn.log", workers=2, threads=2)
+    pool = Workers(settings, celery, tmp_path)
+    try:
+        account_id = server.create_account("restart", credit_usd="1000")
+        keys = [server.create_key(account_id, f"k{n}") for n in range(2)]
+        (worker,) = pool.start(as_in_production=True)
+
+        at, tag = recent(), uuid.uuid4().hex
+        accepted: dict[str, float] = {}  # request id -> when its 202 came
+        halt = threading.Event()
+
+        def post_continuously() -> None:
+            with requests.Session() as session:
+                for number in itertools.count():
+                    if halt.is_set():
+                        return
+                    batch = [
+                        usage_event(f"{tag}-{number}-{n}", keys[n % 2], 50 + n, number % 9, at)
+                        for n in range(50)
+                    ]
+                    response = server.post_usage(batch, session=session)
+                    assert response.status_code == 202, response.text
+                    answered = time.monotonic()
+                    accepted.update((event["request_id"], answered) for event in batch)
+                    time.sleep(0.05)
+
+        poster = threading.Thread(target=post_continuously)
+        poster.start()
+        try:
+            wait_until(lambda: status_counts(committed).get("settled", 0) > 0, "settlement to run")
+            own_redis.stop()
+            wait_until(
+                lambda: "Connection to broker lost" in worker.log_text(),
+                "the worker to notice Redis is gone",
+            )
+            own_redis.start()
+            back = time.monotonic()
+
+            def settled_after_restart() -> bool:
+                after = [rid for rid, answered in list(accepted.items()) if answered > back]
+                return bool(after) and scalar(
+                    committed,
+                    "SELECT count(*) FROM usage_events"
+                    " WHERE request_id = ANY(:ids) AND status = 'settled'",
+                    ids=after,
+                ) == len(after)
+
+            wait_until(settled_after_restart, "events reported after the restart to settle")
+            recovered_in = time.monotonic() - back
+        finally:
+            halt.set()
+            poster.join(timeout=30)
+        assert not poster.is_alive()
+        assert recovered_in < 10, f"settlement resumed {recovered_in:.1f}s after Redis was back"
+        wait_settled(committed, len(accepted), celery)
+        assert_settled_exactly_once(committed, set(accepted))
+        assert worker.process.poll() is None, worker.log_text()
+        assert "Unrecoverable error" not in worker.log_text()
+    finally:
+        pool.stop_all()
+        stop(server.process)

@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 
 from billing.metering.settlement import BATCH_SIZE
 from tests.reliability.conftest import (
+    BROKERS,
     Api,
     Worker,
     Workers,
@@ -43,6 +44,10 @@ from tests.reliability.support import (
     wait_settled,
 )
 from tests.support import mirrored_state
+
+# The tests that say most about a broker (a worker killed holding a task, two workers sharing a
+# backlog) run on each; the others on Redis only, to keep the suite short.
+on_both_brokers = pytest.mark.parametrize("broker", BROKERS, indirect=True, scope="module")
 
 
 def nanos(usd: str) -> int:
@@ -195,6 +200,7 @@ def test_one_event_delivered_three_times_concurrently_is_stored_and_charged_once
     assert_settled_exactly_once(committed, set(distinct))
 
 
+@on_both_brokers
 def test_worker_killed_mid_batch_leaves_nothing_lost_or_charged_twice(
     api: Api, workers: Workers, committed: Engine, celery_client: Celery
 ) -> None:
@@ -230,6 +236,7 @@ def test_worker_killed_mid_batch_leaves_nothing_lost_or_charged_twice(
     assert_settled_exactly_once(committed, {event["request_id"] for event in events})
 
 
+@on_both_brokers
 def test_two_workers_drain_a_backlog_together_without_overlap_or_gaps(
     api: Api, workers: Workers, committed: Engine, celery_client: Celery
 ) -> None:
