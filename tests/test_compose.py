@@ -46,8 +46,10 @@ COMPOSE = ROOT / "docker-compose.yml"
 BILLING_SERVICES = ("migrate", "api", "worker", "webhook-worker", "beat")
 WORKERS = ("worker", "webhook-worker")
 # What the operator's .env would hold; the tokens are those the test clients send.
+METRICS_TOKEN = "compose-metrics-token"
 DOTENV = {
     "SECRET_KEY": SECRET_KEY,
+    "METRICS_TOKEN": METRICS_TOKEN,
     "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
     "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
 }
@@ -196,11 +198,27 @@ class Local:
         broker = urlsplit(compose["REDIS_URL"])
         assert (broker.scheme, broker.hostname, broker.port) == ("redis", "redis", 6379), broker
         compose["REDIS_URL"] = self.redis_url
+        for mount, local in self.volumes(service).items():
+            compose = {
+                name: str(local) + value.removeprefix(mount) if value.startswith(mount) else value
+                for name, value in compose.items()
+            }
         return {
             "PATH": os.environ["PATH"],
             "HOME": str(self.home(name)),
             "DATA_DIR": str(self.home(name) / "var"),  # the image's DATA_DIR (/app/var)
         } | compose
+
+    def volumes(self, service: Mapping[str, Any]) -> dict[str, Path]:
+        """``service``'s named volumes: each mount path in the container, and the directory
+        (created, one per volume, so services that share a volume share it here too)."""
+        mounts = {}
+        for volume in service.get("volumes", []):
+            name, mount = volume.split(":")[:2]
+            local = self.directory / "volumes" / name
+            local.mkdir(parents=True, exist_ok=True)
+            mounts[mount] = local
+        return mounts
 
     def command(self, name: str, service: Mapping[str, Any], *, api_port: int) -> list[str]:
         """``service``'s command as it runs here: the installed executable, the API bound to a
@@ -381,6 +399,12 @@ def test_the_compose_services_run_the_product(local: Local, receiver: Receiver) 
         )
         assert all(request.error is None for request in receiver.requests())
         assert api.balance_usd(account_id) == "-0.004069000"
+        # The worker counted the settlement into the shared metrics volume; the API sums it.
+        metrics = requests.get(
+            f"{api.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=5
+        )
+        assert metrics.status_code == 200, metrics.text
+        assert "\nbilling_usage_settled_events_total 1.0\n" in metrics.text, metrics.text
         # Beat sends its first tasks 5 seconds after it starts (long past, by now).
         wait_until(
             lambda: running["beat"].alive() and "Sending due task" in running["beat"].log_text(),
