@@ -35,6 +35,9 @@ from billing.core.settings import Settings
 from billing.runtime import Runtime
 from tests.support import client_with
 
+# Fixtures of their own modules, for every test that needs them.
+pytest_plugins = ["tests.reliability.faults"]
+
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/billing_test"
 )

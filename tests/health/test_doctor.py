@@ -4,8 +4,6 @@ as this machine allows (its PostgreSQL runs with autovacuum off, which the docto
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,8 @@ from billing.health.doctor import (
 from billing.notify.endpoints import create_endpoint
 from billing.runtime import Runtime
 from tests.conftest import SECRET_KEY, TEST_DATABASE_URL, TEST_REDIS_URL, _recreate_database
-from tests.localstripe import free_port
+from tests.reliability.conftest import free_port
+from tests.reliability.faults import RedisServer
 
 FRESH_DATABASE_URL = make_url(TEST_DATABASE_URL).set(
     database=f"{make_url(TEST_DATABASE_URL).database}_doctor"
@@ -214,37 +213,18 @@ def test_the_eviction_decision(maxmemory: int, policy: str, evicts: str | None) 
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[redis.Redis]:
-    """A redis-server process of this test's own, whose configuration it may change."""
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert process.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not answer"
-                time.sleep(0.05)
-        yield client
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+def configurable_redis(own_redis: RedisServer) -> Iterator[redis.Redis]:
+    """A client of a redis-server of this test's own, whose configuration it may change."""
+    client = redis.Redis(port=own_redis.port, socket_connect_timeout=1)
+    yield client
+    client.close()
 
 
-def test_the_eviction_policy_is_read_from_the_server(own_redis: redis.Redis) -> None:
-    assert redis_findings(own_redis) == []  # Redis's default: noeviction
-    own_redis.config_set("maxmemory", 64 << 20)
-    own_redis.config_set("maxmemory-policy", "allkeys-lru")
-    (finding,) = redis_findings(own_redis)
+def test_the_eviction_policy_is_read_from_the_server(configurable_redis: redis.Redis) -> None:
+    assert redis_findings(configurable_redis) == []  # Redis's default: noeviction
+    configurable_redis.config_set("maxmemory", 64 << 20)
+    configurable_redis.config_set("maxmemory-policy", "allkeys-lru")
+    (finding,) = redis_findings(configurable_redis)
     assert finding.check == "redis"
     assert (
         f"reaches maxmemory ({64 << 20} bytes) by maxmemory-policy allkeys-lru" in finding.problem

@@ -21,8 +21,6 @@ from billing.enforcement import mirror
 from tests.conftest import TEST_DATABASE_URL, make_settings, worker_env
 from tests.reliability.conftest import (
     Api,
-    RedisServer,
-    TcpProxy,
     Workers,
     recent,
     rows,
@@ -33,6 +31,7 @@ from tests.reliability.conftest import (
     usage_event,
     wait_until,
 )
+from tests.reliability.faults import RedisServer, TcpProxy
 from tests.reliability.support import (
     SWEEP,
     assert_settled_exactly_once,
