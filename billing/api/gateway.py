@@ -228,7 +228,12 @@ def report_usage() -> Response | tuple[Response, int]:
             param="events",
         )
     result = usage_events.ingest(
-        session(), items, prefix_items=batch, hmac_key=settings().hmac_key, now=now()
+        session(),
+        items,
+        prefix_items=batch,
+        hmac_key=settings().hmac_key,
+        max_age=settings().usage_max_age,
+        now=now(),
     )
     metrics.count_usage(
         accepted=result.accepted, duplicates=result.duplicates, rejected=len(result.rejected)

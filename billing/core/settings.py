@@ -7,6 +7,7 @@ no Redis server, Celery tasks run in-process, rate limits in memory. ``DATABASE_
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import secrets
 from functools import cached_property
@@ -62,6 +63,12 @@ class Settings(BaseSettings):
     hold_ttl_seconds: int = Field(
         600, ge=1, description="Seconds after which a hold no usage settled is released."
     )
+    usage_max_age_days: int = Field(
+        35,
+        ge=1,
+        le=3650,
+        description="A usage event whose occurred_at is older than this many days is refused.",
+    )
     hold_default_max_output_tokens: int = Field(
         4096,
         ge=1,
@@ -114,6 +121,11 @@ class Settings(BaseSettings):
         if any(not math.isfinite(delay) or delay < 0 for delay in delays):
             raise ValueError("delays are finite, non-negative numbers of seconds")
         return delays
+
+    @property
+    def usage_max_age(self) -> dt.timedelta:
+        """How far in the past a usage event's ``occurred_at`` may lie."""
+        return dt.timedelta(days=self.usage_max_age_days)
 
     @property
     def webhook_retry_delays(self) -> tuple[float, ...] | None:

@@ -16,11 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
+import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import orjson
 from cachetools import LRUCache
 from sqlalchemy import (
     JSON,
@@ -198,10 +201,32 @@ def _field(item: Mapping[str, Any], name: str, prefix: str) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > 200:
         raise InvalidRequest(f"{prefix}{name} must be a non-empty string.", param=prefix + name)
+    if "\x00" in value:
+        raise InvalidRequest(f"{prefix}{name} contains a NUL character.", param=prefix + name)
     return value
 
 
-def _parse(index: int, item: Any, prefix: str, now: dt.datetime) -> _Draft:
+# A NUL character as JSON writes it: "\u0000" after an even number of backslashes (an odd
+# number would make it the literal text \u0000, which is fine).
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _refuse_nul(usage: Mapping[str, Any], param: str) -> None:
+    """Refuse a usage object with a NUL character in any key or string, however deep: the raw
+    report is stored as it came, and PostgreSQL cannot store NUL in text. Checked on the JSON
+    text orjson writes (several times faster than walking the object in Python: ingest pays it
+    per event)."""
+    try:
+        text = orjson.dumps(usage)
+    except TypeError:  # an integer beyond 64 bits, which orjson refuses (see json_document)
+        text = json.dumps(usage).encode()
+    if b"\\u0000" in text and _JSON_NUL.search(text):
+        raise InvalidRequest(f"{param} contains a NUL character.", param=param)
+
+
+def _parse(
+    index: int, item: Any, prefix: str, *, max_age: dt.timedelta, now: dt.datetime
+) -> _Draft:
     if not isinstance(item, Mapping):
         where = prefix.removesuffix(".")  # "events[3]", not "events[3]."
         raise InvalidRequest(f"{where or 'body'} must be a JSON object.", param=where or None)
@@ -229,6 +254,7 @@ def _parse(index: int, item: Any, prefix: str, now: dt.datetime) -> _Draft:
     if usage is not None:
         if not isinstance(usage, Mapping):
             raise InvalidRequest(f"{prefix}usage must be a JSON object.", param=prefix + "usage")
+        _refuse_nul(usage, prefix + "usage")
         counts = normalise_usage(usage, param=prefix + "usage")
     elif flat:
         counts = token_counts(
@@ -251,12 +277,14 @@ def _parse(index: int, item: Any, prefix: str, now: dt.datetime) -> _Draft:
         model=model,
         counts=counts,
         usage_raw=usage,
-        occurred_at=_occurred_at(item.get("occurred_at"), prefix, now),
+        occurred_at=_occurred_at(item.get("occurred_at"), prefix, max_age=max_age, now=now),
         outcome=_outcome(item.get("outcome"), prefix),
     )
 
 
-def _occurred_at(value: Any, prefix: str, now: dt.datetime) -> dt.datetime | None:
+def _occurred_at(
+    value: Any, prefix: str, *, max_age: dt.timedelta, now: dt.datetime
+) -> dt.datetime | None:
     if value is None:
         return None
     param = prefix + "occurred_at"
@@ -271,6 +299,12 @@ def _occurred_at(value: Any, prefix: str, now: dt.datetime) -> dt.datetime | Non
         )
     if moment > now + MAX_CLOCK_SKEW:
         raise InvalidRequest(f"{param} is in the future.", param=param)
+    if moment < now - max_age:
+        # Also the years a UTC conversion would overflow (0001-01-01T00:00:00+01:00).
+        raise InvalidRequest(
+            f"{param} is more than {max_age.days} days in the past: usage that old is refused.",
+            param=param,
+        )
     return moment.astimezone(dt.UTC)
 
 
@@ -305,18 +339,25 @@ def _content_hash(draft: _Draft, key_id: str) -> str:
 
 
 def ingest(
-    session: Session, items: Sequence[Any], *, prefix_items: bool, hmac_key: bytes, now: dt.datetime
+    session: Session,
+    items: Sequence[Any],
+    *,
+    prefix_items: bool,
+    hmac_key: bytes,
+    max_age: dt.timedelta,
+    now: dt.datetime,
 ) -> IngestResult:
     """Validate and durably store reported events; the caller commits before answering.
 
-    ``prefix_items`` names fields as ``events[i].field`` (a batch) rather than ``field``.
+    ``prefix_items`` names fields as ``events[i].field`` (a batch) rather than ``field``; an
+    ``occurred_at`` older than ``max_age`` is refused.
     """
     result = IngestResult()
     drafts: list[_Draft] = []
     for index, item in enumerate(items):
         prefix = f"events[{index}]." if prefix_items else ""
         try:
-            drafts.append(_parse(index, item, prefix, now))
+            drafts.append(_parse(index, item, prefix, max_age=max_age, now=now))
         except BillingError as error:
             request_id = item.get("request_id") if isinstance(item, Mapping) else None
             result.rejected.append(

@@ -46,6 +46,7 @@ def test_lag_is_the_age_of_the_oldest_pending_event_and_zero_once_settled(
             [event],
             prefix_items=False,
             hmac_key=runtime.settings.hmac_key,
+            max_age=runtime.settings.usage_max_age,
             now=now - dt.timedelta(minutes=minutes),
         )
         assert result.accepted == 1

@@ -5,6 +5,7 @@ what parsers take (DESIGN 4 and 6.2)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -14,15 +15,17 @@ from sqlalchemy.orm import Session
 from tests.metering.support import (
     CHAT_USAGE,
     USAGE,
+    balance,
     count,
     counts,
     event,
     funded_key,
+    new_account,
     report,
     rid,
     stored_events,
 )
-from tests.support import assert_error
+from tests.support import assert_error, new_key
 
 # --- a single invalid event is answered with its error, and nothing is stored --------------------
 
@@ -48,6 +51,9 @@ from tests.support import assert_error
         ({"request_id": "x" * 201}, "invalid_request", "request_id"),
         ({"outcome": "timeout"}, "invalid_request", "outcome"),
         ({"occurred_at": "2026-11-20T10:00:00"}, "invalid_request", "occurred_at"),
+        ({"model": "lite\u0000"}, "invalid_request", "model"),
+        ({"request_id": "r\u0000"}, "invalid_request", "request_id"),
+        ({"usage": {**CHAT_USAGE, "note\u0000": 1}}, "invalid_request", "usage"),
         ({"api_key": "sk-" + "A" * 48}, "invalid_api_key", "api_key"),
         ({"api_key": None, "key_id": "key_nope"}, "invalid_api_key", "key_id"),
     ],
@@ -84,6 +90,8 @@ def test_a_single_invalid_event_is_a_400_naming_the_field_and_stores_nothing(
         1763800000,
         {"at": "2026-11-20T10:00:00Z"},
         "far future",
+        "0001-01-01T00:00:00Z",  # parked as unpriced for ever, before there was a bound
+        "0001-01-01T00:00:00+01:00",  # its UTC time is before year 1
     ],
 )
 def test_a_bad_occurred_at_is_rejected_naming_it(
@@ -103,6 +111,39 @@ def test_a_bad_occurred_at_is_rejected_naming_it(
     assert "events[1].occurred_at" in rejected["error"]["message"]
     assert count(db) == before + 1
     assert set(stored_events(db, good["request_id"], bad["request_id"])) == {good["request_id"]}
+
+
+def test_no_bad_item_sinks_its_batch_and_the_good_ones_are_charged(
+    admin: FlaskClient, gateway: FlaskClient, db: Session
+) -> None:
+    # Each of these answered 500 for the whole batch once, and the valid events were lost.
+    account_id = new_account(admin, "100")
+    key = new_key(admin, account_id)
+    good = [event(key), event(key)]
+    bad = [
+        event(key, model="doubao-seed-2-0-lite\u0000"),
+        event(key, occurred_at="0001-01-01T00:00:00+01:00"),
+        event(key, occurred_at="0001-01-01T00:00:00Z"),
+        {
+            **{k: v for k, v in event(key).items() if k not in ("input_tokens", "output_tokens")},
+            "usage": {**CHAT_USAGE, "id": "chatcmpl-\u0000"},
+        },
+    ]
+    answer = report(gateway, {"events": [good[0], *bad, good[1]]})
+    assert answer["accepted"] == 2
+    assert [(item["index"], item["error"]["param"]) for item in answer["rejected"]] == [
+        (1, "events[1].model"),
+        (2, "events[2].occurred_at"),
+        (3, "events[3].occurred_at"),
+        (4, "events[4].usage"),
+    ]
+    assert all(item["error"]["type"] == "invalid_request_error" for item in answer["rejected"])
+    stored = stored_events(db, *(item["request_id"] for item in [*good, *bad]))
+    assert set(stored) == {item["request_id"] for item in good}
+    # Settled in-process on the embedded default: the valid events are charged, and only they.
+    charged = sum(row.cost_nanos or 0 for row in stored.values())
+    assert charged > 0
+    assert balance(admin, account_id) == 100 * 10**9 - charged
 
 
 def test_a_slightly_future_occurred_at_is_clock_skew_and_accepted(
@@ -207,6 +248,33 @@ def test_a_huge_integer_in_an_ignored_usage_field_is_kept_in_the_raw_report(
     row = stored_events(db, request_id)[request_id]
     assert row.usage_raw is not None and row.usage_raw["audio_tokens"] == 10**23
     assert counts(row) == (10, 0, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("usage_extra", "refused"),
+    [
+        ({"id": "the text \\u0000, not a NUL"}, False),
+        ({"id": "a backslash then a NUL: \\\u0000"}, True),
+        ({"audio_tokens": 10**23, "id": "\u0000"}, True),  # beyond 64 bits: the slow path
+        ({"choices": [{"finish_reason": "stop\u0000"}]}, True),
+    ],
+)
+def test_only_a_real_nul_anywhere_in_usage_is_refused(
+    gateway: FlaskClient, admin: FlaskClient, db: Session, usage_extra: Any, refused: bool
+) -> None:
+    key = funded_key(admin)
+    body = {**event(key), "usage": {**CHAT_USAGE, **usage_extra}}
+    body.pop("input_tokens"), body.pop("output_tokens")
+    # Serialised here: the test client's JSON (orjson) refuses integers beyond 64 bits.
+    response = gateway.post(
+        USAGE, data=json.dumps({"events": [body]}), content_type="application/json"
+    )
+    assert response.status_code == 202, response.get_data(as_text=True)
+    answer = response.get_json()
+    assert answer["accepted"] == (0 if refused else 1)
+    assert [item["error"]["param"] for item in answer["rejected"]] == (
+        ["events[0].usage"] if refused else []
+    )
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])

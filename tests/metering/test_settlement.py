@@ -320,7 +320,12 @@ def test_settle_batch_twice_never_settles_an_event_twice(
     items = [flat(key, LITE, c) for c in counts]
     # Ingest without the after-commit trigger, so that the events wait for us.
     result = usage_events.ingest(
-        db, items, prefix_items=True, hmac_key=runtime.settings.hmac_key, now=utcnow()
+        db,
+        items,
+        prefix_items=True,
+        hmac_key=runtime.settings.hmac_key,
+        max_age=runtime.settings.usage_max_age,
+        now=utcnow(),
     )
     assert (result.accepted, result.rejected) == (5, [])
     ids = [item["request_id"] for item in items]

@@ -57,7 +57,7 @@ def test_a_good_key_shows_amounts_keys_chart_and_ledger(
     report_usage(gateway_api, acme.key, CODE, now - dt.timedelta(days=3), SEED_002)
     lite = {"prompt_tokens": 1_000_000, "completion_tokens": 100_000}  # $0.39 + $0.199
     report_usage(gateway_api, acme.key, LITE, now - dt.timedelta(days=3), lite)
-    report_usage(gateway_api, acme.key, LITE, now - dt.timedelta(days=45), lite)  # not charted
+    report_usage(gateway_api, acme.key, LITE, now - dt.timedelta(days=33), lite)  # not charted
     account = admin_api.get(f"/admin/v1/accounts/{acme.account_id}").get_json()
     balance = int(Decimal(account["balance_usd"]) * 10**9)
     assert balance == 10 * 10**9 - 2 * 1_738_820 - 2 * 589_000_000
