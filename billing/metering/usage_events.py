@@ -16,14 +16,11 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-import json
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import orjson
 from cachetools import LRUCache
 from sqlalchemy import (
     JSON,
@@ -41,23 +38,14 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.schema import ForeignKey
 
 from billing.accounts.keys import ApiKey
-from billing.catalog.usage import TokenCounts, normalise_usage, token_counts
+from billing.catalog.usage import TokenCounts
 from billing.core.db import Base, BigIntId, json_document
 from billing.core.effects import mark_usage_pending
-from billing.core.errors import BillingError, InvalidRequest, NotFound
+from billing.core.errors import BillingError, NotFound
 from billing.core.ids import keyed_hash
+from billing.metering.report_items import Draft, parse_item
 
 MAX_BATCH = 1000
-# How far ahead of our clock a reported occurred_at may be (clock skew between hosts).
-MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
-
-
-class Outcome(enum.StrEnum):
-    """How the upstream request ended. Usage is billed whatever the outcome."""
-
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CLIENT_DISCONNECTED = "client_disconnected"
 
 
 class EventStatus(enum.StrEnum):
@@ -182,145 +170,7 @@ class IngestResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Draft:
-    index: int
-    request_id: str
-    key_secret: str | None
-    key_id: str | None
-    model: str
-    counts: TokenCounts
-    usage_raw: Mapping[str, Any] | None
-    occurred_at: dt.datetime | None
-    outcome: Outcome
-
-
-def _field(item: Mapping[str, Any], name: str, prefix: str) -> str | None:
-    value = item.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 200:
-        raise InvalidRequest(f"{prefix}{name} must be a non-empty string.", param=prefix + name)
-    if "\x00" in value:
-        raise InvalidRequest(f"{prefix}{name} contains a NUL character.", param=prefix + name)
-    return value
-
-
-# A NUL character as JSON writes it: "\u0000" after an even number of backslashes (an odd
-# number would make it the literal text \u0000, which is fine).
-_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def _refuse_nul(usage: Mapping[str, Any], param: str) -> None:
-    """Refuse a usage object with a NUL character in any key or string, however deep: the raw
-    report is stored as it came, and PostgreSQL cannot store NUL in text. Checked on the JSON
-    text orjson writes (several times faster than walking the object in Python: ingest pays it
-    per event)."""
-    try:
-        text = orjson.dumps(usage)
-    except TypeError:  # an integer beyond 64 bits, which orjson refuses (see json_document)
-        text = json.dumps(usage).encode()
-    if b"\\u0000" in text and _JSON_NUL.search(text):
-        raise InvalidRequest(f"{param} contains a NUL character.", param=param)
-
-
-def _parse(
-    index: int, item: Any, prefix: str, *, max_age: dt.timedelta, now: dt.datetime
-) -> _Draft:
-    if not isinstance(item, Mapping):
-        where = prefix.removesuffix(".")  # "events[3]", not "events[3]."
-        raise InvalidRequest(f"{where or 'body'} must be a JSON object.", param=where or None)
-    request_id = _field(item, "request_id", prefix)
-    if request_id is None:
-        raise InvalidRequest(f"{prefix}request_id is required.", param=prefix + "request_id")
-    secret, key_id = _field(item, "api_key", prefix), _field(item, "key_id", prefix)
-    if (secret is None) == (key_id is None):
-        raise InvalidRequest(
-            f"Send exactly one of {prefix}api_key and {prefix}key_id.", param=prefix + "api_key"
-        )
-    model = _field(item, "model", prefix)
-    if model is None:
-        raise InvalidRequest(f"{prefix}model is required.", param=prefix + "model")
-    flat = [
-        name
-        for name in ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
-        if name in item
-    ]
-    usage = item.get("usage")
-    if usage is not None and flat:
-        raise InvalidRequest(
-            f"Send either {prefix}usage or the token fields, not both.", param=prefix + "usage"
-        )
-    if usage is not None:
-        if not isinstance(usage, Mapping):
-            raise InvalidRequest(f"{prefix}usage must be a JSON object.", param=prefix + "usage")
-        _refuse_nul(usage, prefix + "usage")
-        counts = normalise_usage(usage, param=prefix + "usage")
-    elif flat:
-        counts = token_counts(
-            item.get("input_tokens", 0),
-            item.get("cached_tokens", 0),
-            item.get("output_tokens", 0),
-            item.get("reasoning_tokens", 0),
-            param_prefix=prefix,
-        )
-    else:
-        raise InvalidRequest(
-            f"{prefix}usage (or input_tokens and output_tokens) is required.",
-            param=prefix + "usage",
-        )
-    return _Draft(
-        index=index,
-        request_id=request_id,
-        key_secret=secret,
-        key_id=key_id,
-        model=model,
-        counts=counts,
-        usage_raw=usage,
-        occurred_at=_occurred_at(item.get("occurred_at"), prefix, max_age=max_age, now=now),
-        outcome=_outcome(item.get("outcome"), prefix),
-    )
-
-
-def _occurred_at(
-    value: Any, prefix: str, *, max_age: dt.timedelta, now: dt.datetime
-) -> dt.datetime | None:
-    if value is None:
-        return None
-    param = prefix + "occurred_at"
-    try:
-        moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        raise InvalidRequest(
-            f"{param} must be an RFC 3339 time with a UTC offset, such as 2026-11-22T10:00:00Z.",
-            param=param,
-        )
-    if moment > now + MAX_CLOCK_SKEW:
-        raise InvalidRequest(f"{param} is in the future.", param=param)
-    if moment < now - max_age:
-        # Also the years a UTC conversion would overflow (0001-01-01T00:00:00+01:00).
-        raise InvalidRequest(
-            f"{param} is more than {max_age.days} days in the past: usage that old is refused.",
-            param=param,
-        )
-    return moment.astimezone(dt.UTC)
-
-
-def _outcome(value: Any, prefix: str) -> Outcome:
-    if value is None:
-        return Outcome.COMPLETED
-    try:
-        return Outcome(value)
-    except ValueError:
-        choices = ", ".join(outcome.value for outcome in Outcome)
-        raise InvalidRequest(
-            f"{prefix}outcome must be one of {choices}.", param=prefix + "outcome"
-        ) from None
-
-
-def _content_hash(draft: _Draft, key_id: str) -> str:
+def _content_hash(draft: Draft, key_id: str) -> str:
     """What the gateway reported, canonically: equal for a retry, different for other content."""
     occurred = draft.occurred_at.isoformat() if draft.occurred_at else None
     counts = draft.counts
@@ -353,11 +203,11 @@ def ingest(
     ``occurred_at`` older than ``max_age`` is refused.
     """
     result = IngestResult()
-    drafts: list[_Draft] = []
+    drafts: list[Draft] = []
     for index, item in enumerate(items):
         prefix = f"events[{index}]." if prefix_items else ""
         try:
-            drafts.append(_parse(index, item, prefix, max_age=max_age, now=now))
+            drafts.append(parse_item(index, item, prefix, max_age=max_age, now=now))
         except BillingError as error:
             request_id = item.get("request_id") if isinstance(item, Mapping) else None
             result.rejected.append(
@@ -449,7 +299,7 @@ _ACCOUNT_OF_KEY_LOCK = threading.Lock()
 
 
 def _resolve_keys(
-    session: Session, drafts: list[_Draft], hmac_key: bytes
+    session: Session, drafts: list[Draft], hmac_key: bytes
 ) -> dict[str, tuple[str, str]]:
     """(key id, account id) by the secret or key id each draft named, in one query at most."""
     secrets = {draft.key_secret for draft in drafts if draft.key_secret}
