@@ -26,8 +26,6 @@ from billing.core.money import format_usd
 from billing.core.settings import Settings
 from billing.enforcement import mirror
 from billing.health import doctor as checkup
-from billing.ledger import ledger
-from billing.metering import settlement
 from billing.payments.models import Payment
 from billing.payments.reconcile import reconcile as reconcile_payments
 from billing.payments.stripe_api import cents_to_nanos
@@ -100,23 +98,42 @@ def prices_import(file: Path | None, if_empty: bool) -> None:
 
 
 @main.command()
-def reconcile() -> None:
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Verify the whole history, not only what was settled since the last clean run.",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Also re-price N settled events drawn at random from the whole history.",
+)
+def reconcile(full: bool, sample: int | None) -> None:
     """Prove the money invariants on live data; exit 1 on any drift.
 
-    Every balance equals the sum of its ledger entries, and every settled event's charge equals
-    an independent recomputation from its raw report and the price table (as does every usage
-    entry the sum of its events).
+    Every balance equals the sum of its ledger entries; every charge settled since the last
+    clean run (the whole history with --full) equals an independent recomputation from its raw
+    report and the price table, as does every usage entry the sum of its events. A clean run
+    moves the watermark it starts from next time.
     """
-    with _runtime().transaction() as session:
-        drift = [str(item) for item in ledger.reconcile(session)]
-        drift += [str(item) for item in settlement.verify_costs(session)]
-    for line in drift:
-        click.echo(f"DRIFT {line}", err=True)
-    if drift:
+    result = _runtime().reconcile(full=full, sample=sample or 0)
+    for item in result.drift:
+        click.echo(f"DRIFT {item}", err=True)
+    if result.drift:
         sys.exit(1)
-    click.echo(
-        "ok: every balance equals the sum of its entries; every charge equals its recomputed cost"
-    )
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    scope = "ever" if result.since is None else f"since {result.since:{stamp}}"
+    summary = [
+        "ok: every balance equals the sum of its entries",
+        f"the {result.costs.events} event(s) settled {scope} re-priced, and"
+        f" {result.costs.entries} usage entries checked against them",
+    ]
+    if sample:
+        summary.append(f"{result.sampled.events} event(s) drawn at random re-priced")
+    if result.advanced:
+        summary.append(f"verified through {result.closed:{stamp}}")
+    click.echo("; ".join(summary))
 
 
 @main.command("redis-rebuild")

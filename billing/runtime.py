@@ -9,6 +9,7 @@ process dies between commit and effect), the periodic sweep and mirror sync catc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from billing.enforcement import mirror
 from billing.enforcement.authorize import Authorizer, RateLimits
 from billing.enforcement.hotpath import HotPath
 from billing.ledger import holds
-from billing.metering import settlement
+from billing.metering import reconcile, settlement
 from billing.notify import delivery
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,35 @@ class Runtime:
             now = utcnow()
             self.hotpath.sync_balances(session, now=now)
             return mirror.sync(session, self.redis, now=now)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only transaction that sees one snapshot of the database throughout
+        (REPEATABLE READ on PostgreSQL), rolled back at the end of the block."""
+        with self.sessions() as session:
+            if self.engine.dialect.name == "postgresql":
+                session.connection(
+                    execution_options={
+                        "isolation_level": "REPEATABLE READ",
+                        "postgresql_readonly": True,
+                    }
+                )
+            yield session
+
+    def reconcile(self, *, full: bool = False, sample: int = 0) -> reconcile.Verification:
+        """Verify the money invariants on one snapshot (``billing.metering.reconcile``: what was
+        settled since the watermark, or ``full``y, and ``sample`` random events), then move the
+        watermark if all was well."""
+        now = utcnow()
+        with self.snapshot() as session:
+            verification = reconcile.verify(session, now=now, full=full, sample=sample)
+        if not verification.clean:
+            return verification
+        # A transaction of its own: the snapshot's could not update a row that another run
+        # moved meanwhile (the compare and set then just finds it moved).
+        with self.transaction() as session:
+            advanced = reconcile.advance(session, verification, now=now)
+        return dataclasses.replace(verification, advanced=advanced)
 
     def expire_holds(self, *, now: dt.datetime | None = None) -> int:
         """Release the holds past their expiry at ``now`` (default: the present), in PostgreSQL

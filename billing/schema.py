@@ -4,7 +4,7 @@ from billing.access import audit, auth
 from billing.accounts import accounts, keys, rollups, violations
 from billing.catalog import catalog
 from billing.core.db import Base
-from billing.ledger import holds, ledger
+from billing.ledger import checkpoints, holds, ledger
 from billing.metering import usage_events
 from billing.notify import models as webhooks
 from billing.payments import models as payments
@@ -15,6 +15,7 @@ __all__ = [
     "audit",
     "auth",
     "catalog",
+    "checkpoints",
     "holds",
     "keys",
     "ledger",

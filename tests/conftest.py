@@ -164,7 +164,8 @@ def committed(runtime: Runtime) -> Iterator[Engine]:
     with runtime.engine.begin() as connection:
         connection.execute(
             text(
-                "TRUNCATE usage_rollups, usage_events, audit_log, key_state_changes,"
+                "TRUNCATE usage_rollups, key_month_spend, ledger_checkpoints,"
+                " reconcile_watermarks, usage_events, audit_log, key_state_changes,"
                 " ledger_entries, api_keys, accounts, service_tokens,"
                 " webhook_attempts, webhook_deliveries, webhook_events, webhook_endpoints"
                 " RESTART IDENTITY CASCADE"

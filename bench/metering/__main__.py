@@ -30,6 +30,7 @@ from bench.metering.phases import (
     throughput_phase,
     warm_up,
 )
+from bench.metering.plans import collect as collect_plans
 from bench.metering.results import render, render_profile
 
 SECTION = "metering"
@@ -73,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" p99 {latency.settle_p99 * 1000:.0f} ms"
         )
         baselines = baseline_phase(config, throughput, cpu)
+        log("report query plans (EXPLAIN)")
+        plans = collect_plans(config, key_ids)
         machine = machine_description(config.dsn, config.redis_url)
         machine.append(
             (
@@ -93,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         services.stop()
         with suppress(redis.RedisError):
             redis.Redis.from_url(config.redis_url).flushdb()  # queued tasks, results, mirror
-    report = render(config, throughput, latency, baselines, machine, time.monotonic() - began, argv)
+    report = render(
+        config, throughput, latency, baselines, machine, time.monotonic() - began, argv, plans
+    )
     print("\n" + report + "\n", flush=True)
     if config.write and not config.profile:  # a profiled run's numbers are perturbed
         write_report(SECTION, report)

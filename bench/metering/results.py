@@ -11,6 +11,7 @@ from bench.harness.profiling import Profiler, profile_tables
 from bench.harness.report import cpu_table, mark, percentile
 from bench.metering.config import Config
 from bench.metering.phases import Baseline, Latency, Throughput
+from bench.metering.plans import Plans, render_plans
 
 TARGET_E2E = 15_000.0
 TARGET_RATIO = 0.5
@@ -38,6 +39,7 @@ def render(
     machine: list[tuple[str, str]],
     runtime_seconds: float,
     argv: Sequence[str],
+    plans: Plans,
 ) -> str:
     best = max(baselines, key=lambda b: b.rate)
     ratio = throughput.e2e_rate / best.rate
@@ -119,6 +121,7 @@ def render(
             *cpu_table(run.cpu, run.rows, "row"),
             "",
         ]
+    lines += render_plans(plans)
     lines += [
         "Machine:",
         "",

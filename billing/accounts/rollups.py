@@ -1,9 +1,11 @@
-"""Usage rollups: tokens by kind and cost per account, key, model and UTC day.
+"""Usage rollups: tokens by kind and cost per account, key, model and UTC day; and each key's
+spend per UTC month.
 
-Maintained by settlement in the transaction that settles the events, so a rollup always equals
-the sum of its settled events. They live with the accounts because a key's spend this month
-(:func:`month_spend`) is one of the facts its state derives from. Rows are upserted in key order
-so concurrent batches cannot deadlock on them.
+Maintained by settlement in the transaction that settles the events, so a rollup and a month's
+spend always equal the sums of their settled events. They live with the accounts because a key's
+spend this month (:func:`month_spend`) is one of the facts its state derives from; it is one row
+per key and month, so a cap check reads one row however long the history. Rows are upserted in
+key order, rollups before spend, so concurrent batches cannot deadlock on them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import BigInteger, Date, ForeignKey, String, func, select
+from sqlalchemy import BigInteger, Date, ForeignKey, Select, String, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -44,13 +46,26 @@ class UsageRollup(Base):
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    # The primary key starts with the account, which serves one account's reports; reports over
+    # all accounts read a period through this index instead of the whole table.
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True, index=True)
     requests: Mapped[int] = mapped_column(BigInteger)
     input_tokens: Mapped[int] = mapped_column(BigInteger)
     cached_tokens: Mapped[int] = mapped_column(BigInteger)
     output_tokens: Mapped[int] = mapped_column(BigInteger)
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger)
     cost_nanos: Mapped[int] = mapped_column(BigInteger)
+
+
+class KeyMonthSpend(Base):
+    """Settled spend of one key in one UTC month (by the events' ``occurred_at``)."""
+
+    __tablename__ = "key_month_spend"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    month: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    """The first day of the month."""
+    spend_nanos: Mapped[int] = mapped_column(BigInteger)
 
 
 class SettledUsage(Protocol):
@@ -73,16 +88,20 @@ class SettledUsage(Protocol):
 
 
 def add(session: Session, priced: Iterable[tuple[SettledUsage, str, Cost]]) -> None:
-    """Add settled events (with their model id and cost) to their rollups."""
+    """Add settled events (with their model id and cost) to their rollups and to their keys'
+    monthly spend."""
     totals: dict[tuple[str, str, str, dt.date], list[int]] = defaultdict(lambda: [0] * 6)
+    spend: dict[tuple[str, dt.date], int] = defaultdict(int)
     for event, model_id, cost in priced:
-        row = totals[(event.account_id, event.key_id, model_id, event.occurred_at.date())]
+        day = event.occurred_at.date()
+        row = totals[(event.account_id, event.key_id, model_id, day)]
         row[0] += 1
         row[1] += event.input_tokens
         row[2] += event.cached_tokens
         row[3] += event.output_tokens
         row[4] += event.reasoning_tokens
         row[5] += cost.total_nanos
+        spend[(event.key_id, day.replace(day=1))] += cost.total_nanos
     if not totals:
         return
     values = [
@@ -105,6 +124,20 @@ def add(session: Session, priced: Iterable[tuple[SettledUsage, str, Cost]]) -> N
         ),
         values,
     )
+    charged = [
+        {"key_id": key_id, "month": month, "spend_nanos": amount}
+        for (key_id, month), amount in sorted(spend.items())
+        if amount
+    ]
+    if charged:
+        upsert = dialect.insert(KeyMonthSpend)
+        session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["key_id", "month"],
+                set_={"spend_nanos": KeyMonthSpend.spend_nanos + upsert.excluded.spend_nanos},
+            ),
+            charged,
+        )
 
 
 def month_start(now: dt.datetime) -> dt.date:
@@ -119,15 +152,19 @@ def month_key(now: dt.datetime) -> str:
 
 
 def month_spend(session: Session, key_ids: Sequence[str], *, now: dt.datetime) -> dict[str, Nanos]:
-    """Settled spend of each key in the current UTC month."""
+    """Settled spend of each key in the current UTC month (keys with none are left out)."""
     if not key_ids:
         return {}
-    rows = session.execute(
-        select(UsageRollup.key_id, func.sum(UsageRollup.cost_nanos))
-        .where(UsageRollup.key_id.in_(key_ids), UsageRollup.day >= month_start(now))
-        .group_by(UsageRollup.key_id)
+    return {
+        key_id: spend for key_id, spend in session.execute(month_spend_statement(key_ids, now=now))
+    }
+
+
+def month_spend_statement(key_ids: Sequence[str], *, now: dt.datetime) -> Select[str, int]:
+    """The query of :func:`month_spend`: one primary-key lookup per key."""
+    return select(KeyMonthSpend.key_id, KeyMonthSpend.spend_nanos).where(
+        KeyMonthSpend.key_id.in_(key_ids), KeyMonthSpend.month == month_start(now)
     )
-    return {key_id: int(total) for key_id, total in rows}
 
 
 @dataclass(frozen=True)
@@ -144,6 +181,15 @@ class UsageQuery:
 
 def report(session: Session, query: UsageQuery) -> list[dict[str, Any]]:
     """Usage totals per group, ordered by the groups; raises InvalidRequest for a bad group."""
+    # PostgreSQL sums bigints as numeric: back to exact ints.
+    return [
+        {name: int(value) if name in COUNTERS else value for name, value in row._mapping.items()}
+        for row in session.execute(report_statement(query))
+    ]
+
+
+def report_statement(query: UsageQuery) -> Select[Any]:
+    """The query of :func:`report`; raises InvalidRequest for a bad group or range."""
     if not query.group_by:  # else the sums of no rows are NULL, and int(None) fails
         raise InvalidRequest(
             f"group_by must name at least one of {', '.join(GROUPS)}.", param="group_by"
@@ -169,9 +215,4 @@ def report(session: Session, query: UsageQuery) -> list[dict[str, Any]]:
         statement = statement.where(UsageRollup.day >= query.start)
     if query.end:
         statement = statement.where(UsageRollup.day <= query.end)
-    statement = statement.group_by(*columns).order_by(*columns)
-    # PostgreSQL sums bigints as numeric: back to exact ints.
-    return [
-        {name: int(value) if name in COUNTERS else value for name, value in row._mapping.items()}
-        for row in session.execute(statement)
-    ]
+    return statement.group_by(*columns).order_by(*columns)

@@ -25,6 +25,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session, sessionmaker
+from sqlalchemy.sql import ClauseElement
 from sqlalchemy.types import TypeDecorator
 
 T = TypeVar("T")
@@ -98,6 +99,19 @@ def newest_first(
     """One page of ``query`` by descending id, starting before the id ``before``."""
     query = query.order_by(id_column.desc()).limit(limit)
     return query if before is None else query.where(id_column < before)
+
+
+def explain(session: Session, statement: ClauseElement) -> list[str]:
+    """PostgreSQL's plan for ``statement`` (EXPLAIN, not run), one line per row; raises
+    ValueError on another database."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        raise ValueError(f"EXPLAIN is read from PostgreSQL only, not {connection.dialect.name}")
+    compiled = statement.compile(
+        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
+    )
+    rows = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.params)
+    return [str(line) for (line,) in rows]
 
 
 def utcnow() -> dt.datetime:

@@ -70,7 +70,9 @@ class LedgerEntry(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(300), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(100))
-    created_at: Mapped[dt.datetime]
+    # Reconciliation reads entries by the window they were created in
+    # (``billing.ledger.checkpoints``, ``billing.metering.reconcile``).
+    created_at: Mapped[dt.datetime] = mapped_column(index=True)
 
 
 class IdempotencyKeyReused(Conflict):

@@ -33,7 +33,7 @@ from billing.accounts import rollups
 from billing.catalog import catalog
 from billing.catalog.catalog import PriceVersion
 from billing.catalog.pricing import Cost, Price, price_usage
-from billing.catalog.usage import TokenCounts, normalise_usage
+from billing.catalog.usage import TokenCounts
 from billing.core.db import json_document
 from billing.core.money import Nanos
 from billing.ledger import ledger
@@ -263,78 +263,6 @@ def unpriced_models(session: Session) -> list[UnpricedModel]:
         .order_by(func.count().desc(), UsageEvent.model)
     )
     return [UnpricedModel(model, count, first, last) for model, count, first, last in rows]
-
-
-@dataclass(frozen=True)
-class CostMismatch:
-    """A charge (an event's, or a usage entry's) that differs from an independent recomputation."""
-
-    subject: str
-    charged_nanos: Nanos | None
-    recomputed_nanos: Nanos | None
-
-    def __str__(self) -> str:
-        charged, recomputed = self.charged_nanos, self.recomputed_nanos
-        return f"{self.subject}: charged {charged}, recomputed {recomputed} nano-USD"
-
-
-def verify_costs(session: Session, *, chunk: int = 5000) -> list[CostMismatch]:
-    """Recompute every settled event's cost from its raw report and the price table.
-
-    Independent of what settlement stored: the usage is normalised again from the raw report
-    when there is one, and the version is looked up again by ``occurred_at``.
-    """
-    mismatches = [
-        CostMismatch(f"ledger entry {entry_id}", -amount, charged)
-        for entry_id, amount, charged in _entries_against_events(session)
-    ]
-    after = 0
-    while True:
-        events = list(
-            session.scalars(
-                select(UsageEvent)
-                .where(UsageEvent.status == EventStatus.SETTLED, UsageEvent.id > after)
-                .order_by(UsageEvent.id)
-                .limit(chunk)
-            )
-        )
-        if not events:
-            return mismatches
-        book = PriceBook(session, (event.model for event in events))
-        for event in events:
-            raw = event.usage_raw
-            counts = normalise_usage(raw) if raw is not None else event.counts
-            version = book.version_at(event.model, event.occurred_at)
-            recomputed = (
-                None if version is None else price_usage(counts, book.price(version)).total_nanos
-            )
-            same_version = version is not None and version.id == event.price_version_id
-            if recomputed != event.cost_nanos or not same_version:
-                mismatches.append(
-                    CostMismatch(f"event {event.request_id}", event.cost_nanos, recomputed)
-                )
-        after = events[-1].id
-        session.expunge_all()
-
-
-def _entries_against_events(session: Session) -> list[tuple[int, Nanos, Nanos]]:
-    """Usage entries whose amount is not minus the sum of the events charged to them."""
-    charged = (
-        select(UsageEvent.ledger_entry_id, func.sum(UsageEvent.cost_nanos).label("total"))
-        .where(UsageEvent.ledger_entry_id.is_not(None))
-        .group_by(UsageEvent.ledger_entry_id)
-        .subquery()
-    )
-    total = func.coalesce(charged.c.total, 0)
-    rows = session.execute(
-        select(ledger.LedgerEntry.id, ledger.LedgerEntry.amount_nanos, total)
-        .outerjoin(charged, charged.c.ledger_entry_id == ledger.LedgerEntry.id)
-        .where(
-            ledger.LedgerEntry.kind == ledger.EntryKind.USAGE,
-            -ledger.LedgerEntry.amount_nanos != total,
-        )
-    )
-    return [(entry_id, amount, int(total)) for entry_id, amount, total in rows]
 
 
 def settlement_lag(session: Session, *, now: dt.datetime) -> dt.timedelta | None:

@@ -89,6 +89,15 @@ class UsageEvent(Base):
             postgresql_where=text("status = 'unpriced'"),
             sqlite_where=text("status = 'unpriced'"),
         ),
+        # Reconciliation re-prices what was settled in a window, in this order
+        # (billing.metering.reconcile).
+        Index(
+            "ix_usage_events_settled",
+            "settled_at",
+            "id",
+            postgresql_where=text("status = 'settled'"),
+            sqlite_where=text("status = 'settled'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)

@@ -20,7 +20,7 @@ from billing.accounts import rollups
 from billing.accounts.accounts import Account
 from billing.accounts.key_states import ENFORCEMENT, STATE_TABLE, KeyState
 from billing.accounts.keys import ApiKey, derive_state
-from billing.accounts.rollups import UsageRollup
+from billing.accounts.rollups import KeyMonthSpend
 from billing.core.db import utcnow
 from billing.core.effects import AccountSnapshot
 from billing.core.settings import Settings
@@ -188,18 +188,7 @@ def test_postgresql_answers_as_the_table(
     db.flush()
     if built.spend:
         db.add(
-            UsageRollup(
-                account_id=account.id,
-                key_id=key.id,
-                model_id="table",
-                day=now.date(),
-                requests=1,
-                input_tokens=0,
-                cached_tokens=0,
-                output_tokens=0,
-                reasoning_tokens=0,
-                cost_nanos=built.spend,
-            )
+            KeyMonthSpend(key_id=key.id, month=rollups.month_start(now), spend_nanos=built.spend)
         )
         db.flush()
     holds = PostgresHolds(db, RateLimits(MemoryStorage()))

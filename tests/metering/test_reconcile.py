@@ -23,16 +23,19 @@ from sqlalchemy.orm import Session
 
 from billing.catalog import catalog
 from billing.cli import main
+from billing.core.db import utcnow
 from billing.ledger import ledger
 from billing.ledger.ledger import LedgerEntry
-from billing.metering import settlement
+from billing.metering import reconcile
 from billing.metering.usage_events import UsageEvent
+from billing.runtime import Runtime
 from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, SECRET_KEY, TEST_DATABASE_URL
 from tests.support import client_with
 
 SEED = json.loads(catalog.default_price_file().read_text())
 SEED_START = dt.datetime.fromisoformat(SEED["effective_from"])
 CUSTOM = "acme-reconcile-1"
+MODEL = "doubao-seed-2-0-lite"
 CREDIT = "1000"
 
 
@@ -241,7 +244,7 @@ def test_a_thousand_random_events_settle_to_the_unit_with_zero_drift(
     assert wrong == []
 
     assert ledger.reconcile(db) == []
-    assert settlement.verify_costs(db) == []
+    assert reconcile.verify_costs(db).mismatches == []
 
     per_account: dict[str, int] = defaultdict(int)
     for account, cost, _ in expected.values():
@@ -266,14 +269,14 @@ def test_a_thousand_random_events_settle_to_the_unit_with_zero_drift(
 # --- the real command line on committed data -----------------------------------------------------
 
 
-def run_reconcile() -> Result:
+def run_reconcile(*options: str) -> Result:
     env = {
         "DATABASE_URL": TEST_DATABASE_URL,
         "REDIS_URL": "",
         "SECRET_KEY": SECRET_KEY,
         "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
     }
-    return CliRunner().invoke(main, ["reconcile"], env=env, catch_exceptions=False)
+    return CliRunner().invoke(main, ["reconcile", *options], env=env, catch_exceptions=False)
 
 
 def test_billing_reconcile_passes_on_settled_usage_and_names_a_tampered_event(
@@ -345,3 +348,46 @@ def test_billing_reconcile_passes_on_settled_usage_and_names_a_tampered_event(
         ]
     )
     assert not drifted.output.startswith("ok")
+
+
+def test_below_the_watermark_billing_reconcile_full_and_sample_find_what_the_hourly_run_skips(
+    app: Flask, runtime: Runtime, committed: Engine
+) -> None:
+    admin = client_with(app, ADMIN_TOKEN)
+    gateway = client_with(app, GATEWAY_TOKEN)
+    key = create_key(admin, create_account(admin, "below"))
+    reported: list[dict[str, Any]] = [
+        {"usage": {"prompt_tokens": 1_000, "completion_tokens": 10}},
+        {"usage": {"input_tokens": 2_000, "output_tokens": 20}},
+        {"input_tokens": 3_000, "output_tokens": 30},
+    ]
+    events = [
+        {"request_id": f"req-{uuid.uuid4()}", "key_id": key["id"], "model": MODEL, **fields}
+        for fields in reported
+    ]
+    response = gateway.post("/gateway/v1/usage", json={"events": events})
+    assert response.status_code == 202 and response.get_json()["accepted"] == 3
+    first = run_reconcile("--full")
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("ok") and "the 3 event(s) settled ever re-priced" in first.output
+    # As if an hour had passed: a clean run moves the watermark past every event.
+    with runtime.transaction() as session:
+        later = utcnow() + dt.timedelta(hours=1)
+        assert reconcile.advance(session, reconcile.verify(session, now=later), now=later)
+    target = events[1]["request_id"]
+    with committed.begin() as connection:
+        connection.execute(
+            text("UPDATE usage_events SET cost_nanos = cost_nanos + 3 WHERE request_id = :r"),
+            {"r": target},
+        )
+
+    hourly = run_reconcile()
+    assert hourly.exit_code == 0, hourly.output
+    assert "the 0 event(s) settled since" in hourly.output
+    full = run_reconcile("--full")
+    assert full.exit_code == 1
+    assert f"DRIFT event {target}: charged" in full.output
+    sampled = run_reconcile("--sample", "50")
+    assert sampled.exit_code == 1
+    drift = [line for line in sampled.output.splitlines() if line.startswith("DRIFT")]
+    assert len(drift) == 1 and drift[0].startswith(f"DRIFT event {target}: charged")

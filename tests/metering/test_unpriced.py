@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from billing.core.db import utcnow
 from billing.ledger import ledger
-from billing.metering import settlement
+from billing.metering import reconcile
 from tests.metering.support import (
     add_version,
     balance,
@@ -120,7 +120,7 @@ def test_a_backdated_first_price_settles_everything_parked(
     assert sum(nanos(entry["amount_usd"]) for entry in usage_entries(admin, account_id)) == (
         -2 * cost
     )
-    assert settlement.verify_costs(db) == []
+    assert reconcile.verify_costs(db).mismatches == []
     assert ledger.reconcile(db) == []
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from billing.ledger import ledger
-from billing.metering import settlement
+from billing.metering import reconcile
 from tests.reliability.conftest import Api, rows, scalar, status_counts, wait_until
 
 SETTLE = "workers.tasks.settle_usage"
@@ -60,7 +60,7 @@ def assert_settled_exactly_once(engine: Engine, request_ids: set[str]) -> None:
     assert stored == request_ids
     assert scalar(engine, "SELECT count(*) FROM usage_events WHERE ledger_entry_id IS NULL") == 0
     with Session(engine) as session:
-        assert [str(item) for item in settlement.verify_costs(session)] == []
+        assert [str(item) for item in reconcile.verify_costs(session).mismatches] == []
         assert [str(item) for item in ledger.reconcile(session)] == []
     per_account = rows(
         engine,
