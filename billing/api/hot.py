@@ -28,6 +28,7 @@ from billing.core import metrics
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
 from billing.enforcement.authorize import NeedsDatabase
+from billing.http.context import address_of
 from billing.http.errors import error_document
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ class AuthorizeFastPath:
         if (
             scheme.lower() != "bearer"
             or runtime.gateway_actors.cached(token.strip(), role=Role.GATEWAY) is None
+            # An address over the failed-authentication limit: the route answers its 429.
+            or runtime.auth_failures.retry_after(Role.GATEWAY, address_of(environ)) is not None
         ):
             return None
         try:
