@@ -5,9 +5,10 @@ The gateway calls authorize before every request it forwards, so its cost is add
 model call. Flask's request machinery (contexts, hooks, the OpenAPI wrapper) costs more than
 the authorization itself, so this WSGI middleware answers the common case directly: a gateway
 token accepted within the last seconds, a body that validates, a model whose price is
-remembered, a key and account Redis holds. Anything else (a token not seen lately, a body that
-does not validate, a key Redis lacks, Redis down) goes on to the Flask route, untouched and
-with the body intact, which answers it the same way with the database at hand. The answers
+remembered, a key and account Redis holds. Anything else (a token not seen lately, a client
+address over the failed-authentication limit, a body that does not validate, a key Redis lacks,
+Redis down) goes on to the Flask route, untouched and with the body intact, which answers it
+the same way with the database at hand. The answers
 are rendered by the same functions as the route's.
 """
 
