@@ -34,8 +34,24 @@ from billing.runtime import Runtime
 T = TypeVar("T")
 
 
+def _settings() -> Settings:
+    """The settings of the environment; exits 1 naming each one refused and how to fix it."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = ".".join(str(part) for part in error["loc"]).upper()
+            message = str(error["msg"]).removeprefix("Value error, ")
+            # Our own validators name the setting in the message already.
+            click.echo(
+                f"settings: {message}" if name in message else f"settings: {name}: {message}"
+            )
+        click.echo("Fix: correct the settings in the environment (README, Configuration).")
+        sys.exit(1)
+
+
 def _runtime() -> Runtime:
-    runtime: Runtime = create_app().extensions["billing"]
+    runtime: Runtime = create_app(_settings()).extensions["billing"]
     return runtime
 
 
@@ -179,13 +195,7 @@ def doctor() -> None:
     PostgreSQL's autovacuum and clock, the schema, the price table, webhook endpoints, Redis's
     eviction policy, SECRET_KEY and the Stripe settings (README, "billing doctor").
     """
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-            click.echo(f"settings: {name}: {error['msg']}. Fix: correct it in the environment.")
-        sys.exit(1)
+    settings = _settings()
     # Not the app: building it would generate the very SECRET_KEY file this may warn about.
     client = None
     if settings.redis_url:

@@ -20,11 +20,13 @@ from typing import Any
 
 import redis
 from flask import current_app
-from limits.storage import MemoryStorage, RedisStorage
+from limits import parse as parse_rate_limit
+from limits.storage import MemoryStorage, RedisStorage, Storage
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.access.auth import ActorCache
+from billing.access.failures import AuthFailures
 from billing.accounts.accounts import Account, Funds
 from billing.core import effects, metrics
 from billing.core.db import transaction, utcnow
@@ -61,6 +63,19 @@ class Runtime:
     def gateway_actors(self) -> ActorCache:
         """The gateway tokens this process has recently accepted (``auth.ActorCache``)."""
         return ActorCache()
+
+    @cached_property
+    def auth_failures(self) -> AuthFailures:
+        """The failed authentications per client address (``billing.access.failures``)."""
+        storage: Storage = MemoryStorage()
+        if self.redis is not None:
+            storage = RedisStorage(
+                self.settings.redis_url or "",
+                connection_pool=self.redis.connection_pool,
+                key_prefix="billing-auth",
+                wrap_exceptions=True,
+            )
+        return AuthFailures(storage, parse_rate_limit(self.settings.auth_failure_rate_limit))
 
     @cached_property
     def hotpath(self) -> HotPath | None:

@@ -65,9 +65,13 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"hypothesis seed: {seed} (reproduce a failure with --hypothesis-seed={seed})"
 
 
-ADMIN_TOKEN = "test-admin-token"
-GATEWAY_TOKEN = "test-gateway-token"
-SECRET_KEY = "test-server-secret"
+# Secrets as long as the settings demand (billing.core.settings.MIN_SECRET_LENGTH).
+ADMIN_TOKEN = "test-admin-token-5c1b8e2f9a7d403e6b1c"
+GATEWAY_TOKEN = "test-gateway-token-8e3a6f1d0b9c2754a8e1"
+SECRET_KEY = "test-server-secret-2f7d9b4e1c8a6053f2d9"
+# The suite's clients all come from 127.0.0.1 and send hundreds of wrong credentials on purpose;
+# tests/api/test_auth_failures.py tests the failed-authentication limit with apps of its own.
+AUTH_FAILURE_RATE_LIMIT = "100000 per minute"
 
 
 def _recreate_database(url: str) -> None:
@@ -88,6 +92,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "secret_key": SECRET_KEY,
         "billing_admin_token": ADMIN_TOKEN,
         "billing_gateway_token": GATEWAY_TOKEN,
+        "auth_failure_rate_limit": AUTH_FAILURE_RATE_LIMIT,
         "data_dir": data_dir,
         "_env_file": None,
     }
@@ -199,6 +204,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "SECRET_KEY": settings.secret_key.get_secret_value(),
         "BILLING_ADMIN_TOKEN": settings.billing_admin_token.get_secret_value(),
         "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
+        "AUTH_FAILURE_RATE_LIMIT": settings.auth_failure_rate_limit,
         "DATA_DIR": str(settings.data_dir),
     }
 

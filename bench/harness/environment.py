@@ -10,9 +10,10 @@ import psycopg
 
 from bench.harness.processes import ROOT
 
-GATEWAY_TOKEN = "bench-gateway-token"  # noqa: S105 - a local benchmark's bootstrap token
-ADMIN_TOKEN = "bench-admin-token"  # noqa: S105
-SECRET_KEY = "bench-server-secret"  # noqa: S105
+# A local benchmark's bootstrap secrets, as long as the settings demand (MIN_SECRET_LENGTH).
+GATEWAY_TOKEN = "bench-gateway-token-4d9f2a7c1e8b3065d4f9"  # noqa: S105
+ADMIN_TOKEN = "bench-admin-token-9a2e5c8f1b7d4036a9e2"  # noqa: S105
+SECRET_KEY = "bench-server-secret-6b1d8f3a9c2e7054b6d1"  # noqa: S105
 
 
 def service_env(workdir: Path, database_url: str, redis_url: str) -> dict[str, str]:

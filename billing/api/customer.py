@@ -13,7 +13,7 @@ from billing.accounts import keys
 from billing.api import render, schemas
 from billing.catalog import catalog
 from billing.core.money import NANOS_PER_CENT
-from billing.http.context import bearer_token, now, session, settings
+from billing.http.context import authenticated, bearer_token, now, session, settings
 from billing.payments import spend
 
 customer = APIBlueprint(
@@ -21,13 +21,22 @@ customer = APIBlueprint(
     __name__,
     url_prefix="/v1",
     abp_security=[{"customer": []}],
-    abp_responses={401: schemas.ErrorOut},
+    abp_responses={401: schemas.ErrorOut, 429: schemas.ErrorOut},
 )
 TAGS = [Tag(name="Customer (OpenAI-compatible)")]
 
 
+CUSTOMER = "customer"
+"""The kind of credential customers send, as the failed-authentication limit counts it."""
+
+
 def authenticated_key() -> keys.ApiKey:
-    """The caller's key; raises InvalidApiKey if it is unknown, revoked, disabled or expired."""
+    """The caller's key; raises InvalidApiKey if it is unknown, revoked, disabled or expired,
+    and TooManyFailedAuthentications while the client address has failed too often."""
+    return authenticated(CUSTOMER, _bearer_key)
+
+
+def _bearer_key() -> keys.ApiKey:
     secret = bearer_token()
     if secret is None:
         raise Unauthenticated(

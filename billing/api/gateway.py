@@ -26,7 +26,7 @@ from billing.core import metrics
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import format_usd
 from billing.enforcement.authorize import Authorization, AuthorizeRequest
-from billing.http.context import bearer_token, now, session, settings
+from billing.http.context import authenticated, bearer_token, now, session, settings
 from billing.http.errors import error_detail, json_body
 from billing.metering import usage_events
 from billing.runtime import current_runtime
@@ -36,7 +36,12 @@ gateway = APIBlueprint(
     __name__,
     url_prefix="/gateway/v1",
     abp_security=[{"gateway": []}],
-    abp_responses={400: schemas.ErrorOut, 401: schemas.ErrorOut, 503: schemas.ErrorOut},
+    abp_responses={
+        400: schemas.ErrorOut,
+        401: schemas.ErrorOut,
+        429: schemas.ErrorOut,
+        503: schemas.ErrorOut,
+    },
 )
 TAGS = [Tag(name="Gateway")]
 
@@ -45,12 +50,15 @@ TAGS = [Tag(name="Gateway")]
 def _authenticate() -> None:
     config = settings()
     bootstrap = config.billing_gateway_token
-    g.actor = current_runtime().gateway_actors.authenticate(
-        session,
-        bearer_token(),
-        role=Role.GATEWAY,
-        bootstrap=bootstrap.get_secret_value() if bootstrap else None,
-        hmac_key=config.hmac_key,
+    g.actor = authenticated(
+        Role.GATEWAY,
+        lambda: current_runtime().gateway_actors.authenticate(
+            session,
+            bearer_token(),
+            role=Role.GATEWAY,
+            bootstrap=bootstrap.get_secret_value() if bootstrap else None,
+            hmac_key=config.hmac_key,
+        ),
     )
 
 

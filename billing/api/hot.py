@@ -5,9 +5,10 @@ The gateway calls authorize before every request it forwards, so its cost is add
 model call. Flask's request machinery (contexts, hooks, the OpenAPI wrapper) costs more than
 the authorization itself, so this WSGI middleware answers the common case directly: a gateway
 token accepted within the last seconds, a body that validates, a model whose price is
-remembered, a key and account Redis holds. Anything else (a token not seen lately, a body that
-does not validate, a key Redis lacks, Redis down) goes on to the Flask route, untouched and
-with the body intact, which answers it the same way with the database at hand. The answers
+remembered, a key and account Redis holds. Anything else (a token not seen lately, a client
+address over the failed-authentication limit, a body that does not validate, a key Redis lacks,
+Redis down) goes on to the Flask route, untouched and with the body intact, which answers it
+the same way with the database at hand. The answers
 are rendered by the same functions as the route's.
 """
 
@@ -28,6 +29,7 @@ from billing.core import metrics
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
 from billing.enforcement.authorize import NeedsDatabase
+from billing.http.context import address_of
 from billing.http.errors import error_document
 
 if TYPE_CHECKING:
@@ -84,6 +86,8 @@ class AuthorizeFastPath:
         if (
             scheme.lower() != "bearer"
             or runtime.gateway_actors.cached(token.strip(), role=Role.GATEWAY) is None
+            # An address over the failed-authentication limit: the route answers its 429.
+            or runtime.auth_failures.retry_after(Role.GATEWAY, address_of(environ)) is not None
         ):
             return None
         try:

@@ -14,16 +14,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.core.money import Nanos, parse_usd, whole_cents
+
+MIN_SECRET_LENGTH = 32
+"""The fewest characters of SECRET_KEY and the bootstrap tokens, so that guessing is hopeless."""
+GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'  # noqa: S105
+"""A command that prints a good secret (43 characters), for the messages that ask for one."""
 
 
 class Settings(BaseSettings):
     """Every knob of the service. Names are the environment variables (case-insensitive)."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # Errors name the setting, never its value: many values are secrets, and start-up errors end
+    # up in logs.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(Path("var"), description="Where the embedded default keeps its files.")
     database_url: str | None = Field(
@@ -38,8 +45,17 @@ class Settings(BaseSettings):
         None,
         description="HMAC key for API keys and tokens; default: generated once into DATA_DIR.",
     )
-    billing_admin_token: SecretStr | None = Field(None, description="Bootstrap admin token.")
-    billing_gateway_token: SecretStr | None = Field(None, description="Bootstrap gateway token.")
+    billing_admin_token: SecretStr | None = Field(
+        None, description=f"Bootstrap admin token, at least {MIN_SECRET_LENGTH} characters."
+    )
+    billing_gateway_token: SecretStr | None = Field(
+        None, description=f"Bootstrap gateway token, at least {MIN_SECRET_LENGTH} characters."
+    )
+    auth_failure_rate_limit: str = Field(
+        "20 per minute",
+        description="Failed admin, gateway and API-key authentications allowed per client"
+        " address (`limits` syntax); beyond it, that address is answered 429 unchecked.",
+    )
     port: int = Field(8000, description="Port `make run` listens on (127.0.0.1).")
     default_rate_limit: str = Field(
         "1 per 10 seconds", description="Rate limit of new keys (`limits` syntax)."
@@ -101,6 +117,33 @@ class Settings(BaseSettings):
         None, description="Bearer token GET /metrics requires; unset or empty: /metrics is a 404."
     )
 
+    @field_validator("billing_admin_token", "billing_gateway_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker-compose passes an unset variable through as "" (`${BILLING_ADMIN_TOKEN:-}`).
+        return None if value == "" else value
+
+    @field_validator("secret_key", "billing_admin_token", "billing_gateway_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # An empty SECRET_KEY is judged by _secret_key_where_needed, which knows the topology.
+        length = 0 if value is None else len(value.get_secret_value())
+        if 0 < length < MIN_SECRET_LENGTH:
+            raise ValueError(_too_short(str(info.field_name), length))
+        return value
+
+    @model_validator(mode="after")
+    def _secret_key_where_needed(self) -> Settings:
+        if self.secret_key is not None and not self.secret_key.get_secret_value():
+            if not self.embedded_default:
+                raise ValueError(
+                    "SECRET_KEY is empty: beyond the embedded default (SQLite, no Redis) the API,"
+                    " workers and beat must share one secret of at least"
+                    f" {MIN_SECRET_LENGTH} random characters. Generate one with: {GENERATE_SECRET}"
+                )
+            self.secret_key = None  # the embedded default generates its own
+        return self
+
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
@@ -161,6 +204,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when running on the embedded default (no Redis: tasks run in-process)."""
         return not self.redis_url
+
+    @property
+    def embedded_default(self) -> bool:
+        """True on the embedded default proper: SQLite and no Redis, so one host and one
+        DATA_DIR, where a generated SECRET_KEY is as good as a configured one."""
+        return self.sqlalchemy_url.startswith("sqlite") and self.embedded
 
     @cached_property
     def hmac_key(self) -> bytes:
@@ -268,10 +317,18 @@ class Settings(BaseSettings):
         description="Sign-in attempts allowed per client IP on /billing (`limits` syntax).",
     )
 
-    @field_validator("billing_sign_in_rate_limit")
+    @field_validator("billing_sign_in_rate_limit", "auth_failure_rate_limit")
     @classmethod
-    def _sign_in_rate_limit(cls, value: str) -> str:
+    def _rate_limit(cls, value: str) -> str:
         from limits import parse
 
         parse(value)  # raises ValueError naming the problem
         return value
+
+
+def _too_short(field: str, length: int) -> str:
+    """Why a secret setting is refused, and how to make a good one."""
+    return (
+        f"{field.upper()} has {length} characters; it must have at least {MIN_SECRET_LENGTH}"
+        f" random characters. Generate one with: {GENERATE_SECRET}"
+    )

@@ -215,7 +215,7 @@ STRIPE_TOGETHER: dict[str, Callable[[Settings], bool]] = {
 def settings_findings(settings: Settings) -> list[Finding]:
     """Secrets and Stripe settings that are missing or do not belong together."""
     findings = []
-    if settings.secret_key is None and not _embedded_default(settings):
+    if settings.secret_key is None and not settings.embedded_default:
         findings.append(
             Finding(
                 "secret_key",
@@ -276,10 +276,6 @@ def _stripe_mode(key: str) -> str | None:
     kind, _, rest = key.partition("_")
     mode = rest.partition("_")[0]
     return mode if len(kind) == 2 and mode in ("test", "live") else None
-
-
-def _embedded_default(settings: Settings) -> bool:
-    return settings.sqlalchemy_url.startswith("sqlite") and settings.embedded
 
 
 def _first_line(exc: Exception) -> str:

@@ -4,8 +4,14 @@ Invariants:
 - An event answered "accepted" is committed before the answer (the caller commits before it
   replies 202) and is never lost: settlement only ever changes its status, never deletes it.
 - ``request_id`` is the idempotency key (a unique index). A repeat with the same content is a
-  duplicate; the same request id with other content is refused as a conflict. Content is what
-  the gateway reported, so a retry that omits ``occurred_at`` is still the same event.
+  duplicate; the same request id with other content is refused as a conflict. Content is
+  compared as resolved, not as spelled: the key (by secret or id), the model a name resolves to
+  (an alias or a dated snapshot is its model), ``occurred_at`` as an instant (any offset), the
+  normalised counts (either usage shape) and the outcome. A retry that omits ``occurred_at``, as
+  the original did, is the same event.
+- Every item of a report whose request id is already stored is judged against the stored event;
+  items whose request id is new are judged against the first of them, which is stored. So each
+  answer is the same whatever the order of the items.
 - One bad item never sinks the good ones of its batch: each is judged on its own.
 - Usage of a known key is accepted whatever the key's state now: the tokens were spent upstream
   (a key revoked after its request began is still charged).
@@ -38,6 +44,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.schema import ForeignKey
 
 from billing.accounts.keys import ApiKey
+from billing.catalog import catalog
 from billing.catalog.usage import TokenCounts
 from billing.core.db import Base, BigIntId, json_document
 from billing.core.effects import mark_usage_pending
@@ -179,13 +186,15 @@ class IngestResult:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def _content_hash(draft: Draft, key_id: str) -> str:
-    """What the gateway reported, canonically: equal for a retry, different for other content."""
+def _content_hash(draft: Draft, key_id: str, model: str) -> str:
+    """What the gateway reported, canonically, with the model named ``model``: equal for a
+    retry, different for other content. Only the model is left as spelled (the stored hashes
+    have it so); :class:`_ModelNames` compares models as resolved."""
     occurred = draft.occurred_at.isoformat() if draft.occurred_at else None
     counts = draft.counts
     content = (
         key_id,
-        draft.model,
+        model,
         counts.input_tokens,
         counts.cached_tokens,
         counts.output_tokens,
@@ -223,8 +232,8 @@ def ingest(
                 Rejection(index, request_id if isinstance(request_id, str) else None, error)
             )
     owners = _resolve_keys(session, drafts, hmac_key)
-    rows: dict[str, dict[str, Any]] = {}
-    indexes: dict[str, int] = {}
+    # The items of each request id, in order: the first is the one that may be stored.
+    groups: dict[str, list[_Owned]] = {}
     for draft in drafts:
         owner = owners.get(draft.key_secret or draft.key_id or "")
         if owner is None:
@@ -233,71 +242,103 @@ def ingest(
             unknown = UnknownKey(f"{prefix}{which} names no key.", param=prefix + which)
             result.rejected.append(Rejection(draft.index, draft.request_id, unknown))
             continue
-        key_id, account_id = owner
-        content_hash = _content_hash(draft, key_id)
-        earlier = rows.get(draft.request_id)
-        if earlier is not None:
-            _judge_repeat(
-                result,
-                draft.index,
-                draft.request_id,
-                earlier["content_hash"],
-                content_hash,
-                prefix_items,
-            )
-            continue
-        indexes[draft.request_id] = draft.index
-        rows[draft.request_id] = {
-            "request_id": draft.request_id,
-            "content_hash": content_hash,
-            "account_id": account_id,
-            "key_id": key_id,
-            "model": draft.model,
-            "usage_raw": draft.usage_raw,
-            "input_tokens": draft.counts.input_tokens,
-            "cached_tokens": draft.counts.cached_tokens,
-            "output_tokens": draft.counts.output_tokens,
-            "reasoning_tokens": draft.counts.reasoning_tokens,
-            "outcome": draft.outcome.value,
-            "occurred_at": draft.occurred_at or now,
-        }
-    if rows:
-        inserted = _insert_new(session, list(rows.values()), now=now)
-        repeats = [request_id for request_id in rows if request_id not in inserted]
-        result.accepted += len(inserted)
-        if inserted:
-            mark_usage_pending(session)
-        if repeats:
-            # Rows unpack as (request_id, content_hash); Result.tuples() is deprecated in 2.1.
-            stored: dict[str, str] = {
-                request_id: content_hash
-                for request_id, content_hash in session.execute(
-                    select(UsageEvent.request_id, UsageEvent.content_hash).where(
-                        UsageEvent.request_id.in_(repeats)
-                    )
-                )
-            }
-            for request_id in repeats:
-                new = rows[request_id]["content_hash"]
-                _judge_repeat(
-                    result, indexes[request_id], request_id, stored[request_id], new, prefix_items
-                )
+        groups.setdefault(draft.request_id, []).append(_Owned(draft, *owner))
+    rows = {request_id: _row(group[0], now) for request_id, group in groups.items()}
+    inserted = _insert_new(session, list(rows.values()), now=now) if rows else set()
+    result.accepted += len(inserted)
+    if inserted:
+        mark_usage_pending(session)
+    stored = _stored(session, [request_id for request_id in groups if request_id not in inserted])
+    models = _ModelNames(session)
+    for request_id, group in groups.items():
+        if request_id in inserted:
+            reference, repeats = (group[0].draft.model, rows[request_id]["content_hash"]), group[1:]
+        else:
+            reference, repeats = stored[request_id], group
+        for item in repeats:
+            _judge_repeat(result, item, reference, models, prefix_items)
     result.rejected.sort(key=lambda rejection: rejection.index)
     return result
 
 
+@dataclass(frozen=True)
+class _Owned:
+    """A parsed item with the key it names resolved."""
+
+    draft: Draft
+    key_id: str
+    account_id: str
+
+
+def _row(item: _Owned, now: dt.datetime) -> dict[str, Any]:
+    """The usage_events row of ``item``, received ``now``."""
+    draft = item.draft
+    return {
+        "request_id": draft.request_id,
+        "content_hash": _content_hash(draft, item.key_id, draft.model),
+        "account_id": item.account_id,
+        "key_id": item.key_id,
+        "model": draft.model,
+        "usage_raw": draft.usage_raw,
+        "input_tokens": draft.counts.input_tokens,
+        "cached_tokens": draft.counts.cached_tokens,
+        "output_tokens": draft.counts.output_tokens,
+        "reasoning_tokens": draft.counts.reasoning_tokens,
+        "outcome": draft.outcome.value,
+        "occurred_at": draft.occurred_at or now,
+    }
+
+
+def _stored(session: Session, request_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """(model as spelled, content hash) of the stored events of ``request_ids``."""
+    if not request_ids:
+        return {}
+    query = select(UsageEvent.request_id, UsageEvent.model, UsageEvent.content_hash).where(
+        UsageEvent.request_id.in_(request_ids)
+    )
+    return {request_id: (model, content) for request_id, model, content in session.execute(query)}
+
+
+class _ModelNames:
+    """Reported model names compared by the model they resolve to, each resolved once per report
+    and only when two spellings differ. A name that resolves to no model stands for itself."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._ids: dict[str, str] = {}
+
+    def same(self, first: str, second: str) -> bool:
+        """True if both names are the same model."""
+        return first == second or self._resolved(first) == self._resolved(second)
+
+    def _resolved(self, name: str) -> str:
+        if name not in self._ids:
+            try:
+                self._ids[name] = catalog.resolve_model(self._session, name)
+            except catalog.ModelNotFound:
+                self._ids[name] = name
+        return self._ids[name]
+
+
 def _judge_repeat(
-    result: IngestResult, index: int, request_id: str, stored: str, new: str, prefix_items: bool
+    result: IngestResult,
+    item: _Owned,
+    reference: tuple[str, str],
+    models: _ModelNames,
+    prefix_items: bool,
 ) -> None:
-    """A request id seen before: a duplicate if the content is the same, else a conflict."""
-    if stored == new:
+    """An item whose request id is taken by ``reference`` (the stored event's model as spelled
+    and content hash): a duplicate if its content is the same once resolved, else a conflict."""
+    model, content_hash = reference
+    draft = item.draft
+    if models.same(draft.model, model) and _content_hash(draft, item.key_id, model) == content_hash:
         result.duplicates += 1
         return
-    param = f"events[{index}].request_id" if prefix_items else "request_id"
+    param = f"events[{draft.index}].request_id" if prefix_items else "request_id"
     error = RequestIdConflict(
-        f"{param} {request_id!r} was already reported with different content.", param=param
+        f"{param} {draft.request_id!r} was already reported with different content.", param=param
     )
-    result.rejected.append(Rejection(index, request_id, error))
+    result.rejected.append(Rejection(draft.index, draft.request_id, error))
 
 
 # A key never changes account, so the account of a key id, once read, is known for good (a

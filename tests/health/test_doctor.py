@@ -136,7 +136,9 @@ def test_a_healthy_deployment_has_nothing_but_this_machines_autovacuum(
             now=utcnow(),
         )
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    healthy = settings(database_url=TEST_DATABASE_URL, redis_url=TEST_REDIS_URL, secret_key="s")
+    healthy = settings(
+        database_url=TEST_DATABASE_URL, redis_url=TEST_REDIS_URL, secret_key=SECRET_KEY
+    )
     try:
         findings = diagnose(healthy, runtime.engine, client, clock=utcnow)
     finally:
@@ -173,7 +175,7 @@ def test_unreachable_services_are_reported(tmp_path: Path) -> None:
     nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"
     client = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=2)
     findings = diagnose(
-        settings(database_url=nowhere, secret_key="s"),
+        settings(database_url=nowhere, secret_key=SECRET_KEY),
         make_engine(nowhere),
         client,
         clock=utcnow,

@@ -13,6 +13,7 @@ from billing.core.db import utcnow
 from billing.core.settings import Settings
 from billing.notify import endpoints
 from billing.runtime import Runtime
+from tests.conftest import SECRET_KEY
 from tests.notify.conftest import Receiver
 
 
@@ -25,14 +26,14 @@ def test_the_cli_delivers_on_the_embedded_default(tmp_path: Path, receiver: Rece
         "DATABASE_URL": f"sqlite:///{tmp_path / 'hooks.sqlite3'}",
         "REDIS_URL": "",
         "DATA_DIR": str(tmp_path),
-        "SECRET_KEY": "cli-secret",
+        "SECRET_KEY": SECRET_KEY,
     }
     assert run("db", "upgrade", env=env).exit_code == 0
     settings = Settings(
         _env_file=None,
         database_url=env["DATABASE_URL"],
         data_dir=tmp_path,
-        secret_key="cli-secret",
+        secret_key=SECRET_KEY,
     )
     runtime: Runtime = create_app(settings).extensions["billing"]
     with runtime.transaction() as session:

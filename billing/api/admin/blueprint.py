@@ -14,10 +14,16 @@ from flask_openapi3 import APIBlueprint
 from billing.access import audit
 from billing.access.auth import Role, authenticate
 from billing.api import schemas
-from billing.http.context import bearer_token, now, session, settings
+from billing.http.context import authenticated, bearer_token, now, session, settings
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
-ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}
+# 429: an address over the failed-authentication limit (billing.access.failures).
+ERRORS: dict[int | str, Any] = {
+    400: schemas.ErrorOut,
+    401: schemas.ErrorOut,
+    404: schemas.ErrorOut,
+    429: schemas.ErrorOut,
+}
 
 admin = APIBlueprint(
     "admin", __name__, url_prefix="/admin/v1", abp_security=SECURITY, abp_responses=ERRORS
@@ -30,8 +36,15 @@ def _authenticate() -> None:
     bootstrap = (
         config.billing_admin_token.get_secret_value() if config.billing_admin_token else None
     )
-    g.actor = authenticate(
-        session(), bearer_token(), role=Role.ADMIN, bootstrap=bootstrap, hmac_key=config.hmac_key
+    g.actor = authenticated(
+        Role.ADMIN,
+        lambda: authenticate(
+            session(),
+            bearer_token(),
+            role=Role.ADMIN,
+            bootstrap=bootstrap,
+            hmac_key=config.hmac_key,
+        ),
     )
 
 
