@@ -189,16 +189,17 @@ def load_session() -> None:
     page = _page()
     if page.loaded or request.endpoint == "web.static":
         return
+    found = None
+    if page.token is not None:
+        found = page_sessions.resume(
+            context.session(),
+            page.token,
+            hmac_key=context.settings().hmac_key,
+            lifetimes=_lifetimes(),
+            now=context.now(),
+        )
+    # Only now: a lookup that failed (the database unreachable) must not drop the cookie.
     page.loaded = True
-    if page.token is None:
-        return
-    found = page_sessions.resume(
-        context.session(),
-        page.token,
-        hmac_key=context.settings().hmac_key,
-        lifetimes=_lifetimes(),
-        now=context.now(),
-    )
     if found is not None:
         page.resume(*found)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,10 +16,13 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from billing.accounts.page_sessions import TOKEN, PageSession
+from billing.app import create_app
 from billing.core.ids import keyed_hash
-from tests.conftest import SECRET_KEY
+from tests.conftest import ADMIN_TOKEN, SECRET_KEY, TEST_DATABASE_URL, make_settings
+from tests.reliability.faults import TcpProxy
+from tests.support import client_with
 from tests.web import support
-from tests.web.support import assert_json_error, csrf_of, customer
+from tests.web.support import CSRF, assert_json_error, csrf_of, customer
 
 COOKIE = "billing_session"
 
@@ -46,6 +50,12 @@ def copy_of(client: requests.Session) -> requests.Session:
     thief = requests.Session()
     thief.cookies.set(COOKIE, token, path="/billing")
     return thief
+
+
+def csrf_of_text(page: str) -> str:
+    found = CSRF.search(page)
+    assert found, page
+    return found.group(1)
 
 
 def assert_signed_in(live_server: str, client: requests.Session) -> None:
@@ -216,3 +226,32 @@ def test_ended_sessions_are_purged_when_a_new_one_starts(
     requests.get(f"{live_server}/billing", timeout=10)  # another visitor
 
     assert stored_sessions(committed_web) == 1  # theirs; the two ended ones are gone
+
+
+def test_the_database_out_of_reach_answers_503_and_keeps_the_session(
+    committed: Engine, pg_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    host = f"127.0.0.1:{pg_proxy.port}"
+    proxied = TEST_DATABASE_URL.replace("127.0.0.1:5432", host)
+    assert host in proxied, "TEST_DATABASE_URL must name 127.0.0.1:5432"
+    app = create_app(make_settings(tmp_path, database_url=proxied))
+    acme = customer(client_with(app, ADMIN_TOKEN))
+    browser = app.test_client()
+    form = browser.get("/billing")
+    signed = browser.post(
+        "/billing/sign-in",
+        data={"api_key": acme.secret, "csrf_token": csrf_of_text(form.get_data(as_text=True))},
+        follow_redirects=True,
+    )
+    assert "Sign out" in signed.get_data(as_text=True)
+
+    pg_proxy.stop()
+    try:
+        cut_off = browser.get("/billing/balance")
+    finally:
+        pg_proxy.start()
+
+    assert cut_off.status_code == 503
+    assert cut_off.get_json()["error"]["code"] == "service_unavailable"
+    assert "Set-Cookie" not in cut_off.headers  # the cookie is not dropped for a blip
+    assert browser.get("/billing/balance").status_code == 200  # still signed in
