@@ -114,7 +114,7 @@ def sign_in() -> ResponseReturnValue:
 
 @web.post("/sign-out")
 def sign_out() -> ResponseReturnValue:
-    """Forget the sign-in."""
+    """End the session; a copy of its cookie signs nothing in any more."""
     access.sign_out(session())
     return redirect(url_for("web.page"), code=303)
 

@@ -12,6 +12,7 @@ from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from billing.accounts.page_sessions import TOKEN
 from billing.core.money import format_dollars
 from billing.payments.models import Payment
 from tests.localstripe import PUBLISHABLE_KEY
@@ -170,8 +171,9 @@ def test_the_session_cookie_is_httponly_samesite_lax_and_secure(
     assert cookie["sameSite"] == "Lax"
     assert cookie["secure"] is True
     assert cookie["path"] == "/billing"
-    # The cookie holds no secret: the key is never stored, only its id.
-    assert acme.secret not in cookie["value"]
+    # The cookie holds only the session's random token: no key, no id.
+    assert TOKEN.fullmatch(cookie["value"])
+    assert acme.secret not in cookie["value"] and acme.key["id"] not in cookie["value"]
     assert page.evaluate("document.cookie") == ""
 
 
