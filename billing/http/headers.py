@@ -9,7 +9,8 @@ A WSGI middleware around the whole app adds them, so no answer can leave without
   loads and runs nothing; ``Referrer-Policy: no-referrer``.
 - The customer page (``/billing``): scripts, styles and images from this origin only, and no
   inline script or style attribute; Stripe.js from the ``STRIPE_JS_URL`` host alone (its
-  frames too, and Stripe's 3-D Secure host with the real Stripe.js); connections to this
+  frames too; with the real Stripe.js, the hosts Stripe's CSP guide names for it and for
+  3-D Secure); connections to this
   origin and the Stripe API (``STRIPE_API_BASE``); forms post here (or to Stripe Checkout in
   checkout mode). Links to other sites carry only our origin.
 - The API docs UI (``/docs``): its package ships an inline bootstrap script and style, so
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 PAGE_PREFIX = "/billing"
 DOCS_PREFIX = "/docs"
 STRIPE_JS = "https://js.stripe.com"
+STRIPE_JS_HOSTS = "https://*.js.stripe.com"
 STRIPE_3DS = "https://hooks.stripe.com"
 STRIPE_CHECKOUT = "https://checkout.stripe.com"
 
@@ -50,12 +52,17 @@ def origin(url: str) -> str:
 
 def page_policy(settings: Settings) -> str:
     """The customer page's Content-Security-Policy under ``settings``."""
-    stripe_js = origin(settings.stripe_js_url)
-    frames = [stripe_js, STRIPE_3DS] if stripe_js == STRIPE_JS else [stripe_js]
+    stripe_js = [origin(settings.stripe_js_url)]
+    frames = stripe_js
+    if stripe_js == [STRIPE_JS]:
+        # Stripe's CSP guide: the real Stripe.js also loads from its own subdomains, and
+        # 3-D Secure runs in frames of hooks.stripe.com.
+        stripe_js = [STRIPE_JS, STRIPE_JS_HOSTS]
+        frames = [*stripe_js, STRIPE_3DS]
     forms = ["'self'", STRIPE_CHECKOUT] if settings.topup_mode == "checkout" else ["'self'"]
     directives = {
         "default-src": ["'none'"],
-        "script-src": ["'self'", stripe_js],
+        "script-src": ["'self'", *stripe_js],
         "style-src": ["'self'"],
         "img-src": ["'self'"],
         "connect-src": ["'self'", origin(settings.stripe_api_base)],

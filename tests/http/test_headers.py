@@ -52,8 +52,12 @@ def assert_page_headers(response: Any) -> None:
     page = policy(response)
     assert page["default-src"] == ["'none'"]
     # The test app's Stripe is the real one: Stripe.js and its frames from js.stripe.com only.
-    assert page["script-src"] == ["'self'", "https://js.stripe.com"]
-    assert page["frame-src"] == ["https://js.stripe.com", "https://hooks.stripe.com"]
+    assert page["script-src"] == ["'self'", "https://js.stripe.com", "https://*.js.stripe.com"]
+    assert page["frame-src"] == [
+        "https://js.stripe.com",
+        "https://*.js.stripe.com",
+        "https://hooks.stripe.com",
+    ]
     assert page["connect-src"] == ["'self'", "https://api.stripe.com"]
     assert page["style-src"] == ["'self'"]
     assert not any("unsafe" in value for values in page.values() for value in values)
@@ -189,8 +193,8 @@ def test_the_authorize_fast_path_carries_the_headers(
     [
         (
             {},
-            "https://js.stripe.com",
-            "https://js.stripe.com https://hooks.stripe.com",
+            "https://js.stripe.com https://*.js.stripe.com",
+            "https://js.stripe.com https://*.js.stripe.com https://hooks.stripe.com",
             "https://api.stripe.com",
             "'self'",
         ),
@@ -206,8 +210,8 @@ def test_the_authorize_fast_path_carries_the_headers(
         ),
         (
             {"topup_mode": "checkout"},
-            "https://js.stripe.com",
-            "https://js.stripe.com https://hooks.stripe.com",
+            "https://js.stripe.com https://*.js.stripe.com",
+            "https://js.stripe.com https://*.js.stripe.com https://hooks.stripe.com",
             "https://api.stripe.com",
             "'self' https://checkout.stripe.com",
         ),
