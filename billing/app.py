@@ -24,6 +24,7 @@ from billing.api.schemas import ErrorOut
 from billing.core.db import make_engine, make_sessionmaker
 from billing.core.settings import Settings
 from billing.http.errors import commit_failed
+from billing.http.headers import SecurityHeaders
 from billing.runtime import WEBHOOKS_QUEUE, WEBHOOKS_TASK, Runtime, current_runtime
 from billing.web import init_app as init_web
 
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     register(app)
     app.wsgi_app = AuthorizeFastPath(app.wsgi_app, runtime)  # type: ignore[method-assign]
     init_web(app, settings)
+    # Outermost, so that every answer carries them, the fast path's included.
+    app.wsgi_app = SecurityHeaders(app.wsgi_app, settings)  # type: ignore[method-assign]
     runtime.celery = celery_init_app(app)
     return app
 

@@ -1,7 +1,7 @@
 """Every table, imported in one place for migrations and schema checks."""
 
 from billing.access import audit, auth
-from billing.accounts import accounts, keys, rollups, violations
+from billing.accounts import accounts, keys, page_sessions, rollups, violations
 from billing.catalog import catalog
 from billing.core.db import Base
 from billing.ledger import checkpoints, holds, ledger
@@ -20,6 +20,7 @@ __all__ = [
     "keys",
     "ledger",
     "metadata",
+    "page_sessions",
     "payments",
     "rollups",
     "usage_events",

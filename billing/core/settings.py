@@ -310,7 +310,12 @@ class Settings(BaseSettings):
         " on another host.",
     )
     billing_session_hours: float = Field(
-        12, gt=0, description="How long a sign-in to the /billing page lasts, in hours."
+        12, gt=0, description="How long a sign-in to the /billing page lasts at most, in hours."
+    )
+    billing_session_idle_minutes: float = Field(
+        30,
+        gt=0,
+        description="A /billing session unused for this many minutes has ended (signed in or not).",
     )
     billing_sign_in_rate_limit: str = Field(
         "10 per minute",

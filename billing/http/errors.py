@@ -104,11 +104,16 @@ def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     if exc.response is not None and exc.response.is_json:
         return cast(Response, exc.response)  # already rendered (a validation error)
-    return error_response(
+    response = error_response(
         status,
         exc.description or exc.name,
         code=HTTP_CODES.get(status, exc.name.lower().replace(" ", "_")),
     )
+    # What the exception says beside its page: Allow on a 405, WWW-Authenticate, Retry-After.
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _database_unavailable(exc: OperationalError) -> Response:

@@ -1,12 +1,13 @@
 """Who is signed in to the customer page, and the guards on its forms.
 
-- The page signs in with an API key. The key itself is never stored: the session (Flask's
-  signed cookie, HttpOnly, SameSite=Lax, Secure unless configured otherwise, limited to
-  ``/billing``) holds the key's id, the account's id and when the sign-in happened. Every request
-  re-reads the key, so revoking, disabling or expiring it signs the page out too.
-- Every form carries a CSRF token (Flask-WTF's, signed and tied to the session); a POST to the
-  page without the right one is refused with 400 and changes nothing. Only the page is checked:
-  the APIs authenticate each request with a bearer token or a signature, not a cookie.
+- The page signs in with an API key. The key itself is never stored. The session lives on the
+  server (``billing.accounts.page_sessions``); its cookie (HttpOnly, SameSite=Lax, Secure unless
+  configured otherwise, limited to ``/billing``) carries only a random token. Signing in starts
+  a new session (the token from before is dead), signing out deletes it, and it ends by itself
+  when idle or old, or when its key is revoked, disabled, expired or rotated.
+- Every form carries a CSRF token (Flask-WTF's, signed, its secret kept in the session); a POST
+  to the page without the right one is refused with 400 and changes nothing. Only the page is
+  checked: the APIs authenticate each request with a bearer token or a signature, not a cookie.
 - Sign-in attempts are rate-limited per client IP with the `limits` library: in memory on the
   embedded default, in Redis when ``REDIS_URL`` is set (so every API process shares the window).
 """
@@ -20,16 +21,18 @@ import logging
 import time
 from dataclasses import dataclass
 
-from flask import Flask, current_app, g, request, session
+from flask import Flask, Response, current_app, g, request, session
 from flask_wtf.csrf import CSRFError, CSRFProtect, generate_csrf  # type: ignore[import-untyped]
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage, RedisStorage, Storage
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session
 
-from billing.accounts import keys
+from billing.accounts import keys, page_sessions
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.settings import Settings
+from billing.http import context
+from billing.web.page_session import CookieSession, ServerSideSessions
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +77,27 @@ class SignIn:
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Configure the signed session cookie and the sign-in limiter of ``app``."""
-    # A key of its own, derived from the server secret, so the cookie signature can never be
-    # confused with an API key hash.
+    """Configure the page's sessions, their cookie and the sign-in limiter of ``app``."""
+    # The key that signs CSRF tokens: derived from the server secret, so that a token can
+    # never be confused with an API key hash.
     app.secret_key = hmac.new(settings.hmac_key, b"billing.web session", hashlib.sha256).digest()
+    app.session_interface = ServerSideSessions()
     app.config.update(
         SESSION_COOKIE_NAME=COOKIE_NAME,
         SESSION_COOKIE_PATH=COOKIE_PATH,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.session_cookie_secure,
-        PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=settings.billing_session_hours),
         # The page checks its own posts (check_csrf); the APIs are never checked.
         WTF_CSRF_CHECK_DEFAULT=False,
         WTF_CSRF_FIELD_NAME=CSRF_FIELD,
         # A token is good for as long as its session, and needs no Referer header on HTTPS.
         WTF_CSRF_TIME_LIMIT=None,
         WTF_CSRF_SSL_STRICT=False,
+    )
+    app.extensions["billing_web_lifetimes"] = page_sessions.Lifetimes(
+        idle=dt.timedelta(minutes=settings.billing_session_idle_minutes),
+        absolute=dt.timedelta(hours=settings.billing_session_hours),
     )
     csrf.init_app(app)
     storage: Storage
@@ -163,8 +170,64 @@ def _new_csrf_token() -> None:
     generate_csrf()
 
 
+def _page() -> CookieSession:
+    page = session._get_current_object()  # type: ignore[attr-defined]
+    assert isinstance(page, CookieSession), "init_app installs ServerSideSessions"
+    return page
+
+
+def _lifetimes() -> page_sessions.Lifetimes:
+    return current_app.extensions["billing_web_lifetimes"]  # type: ignore[no-any-return]
+
+
+def load_session() -> None:
+    """Resume the session the cookie names, if it is still alive (a before-request hook).
+
+    Its data (the CSRF token) and its sign-in are then in ``flask.session`` and
+    :func:`signed_in`; an ended session is deleted and the request goes on without one.
+    """
+    page = _page()
+    if page.loaded or request.endpoint == "web.static":
+        return
+    found = None
+    if page.token is not None:
+        found = page_sessions.resume(
+            context.session(),
+            page.token,
+            hmac_key=context.settings().hmac_key,
+            lifetimes=_lifetimes(),
+            now=context.now(),
+        )
+    # Only now: a lookup that failed (the database unreachable) must not drop the cookie.
+    page.loaded = True
+    if found is not None:
+        page.resume(*found)
+
+
+def store_session(response: Response) -> Response:
+    """Store what the request changed in its session, in the request's transaction (an
+    after-request hook): a first session for a visitor who now has something to keep."""
+    page = _page()
+    if not page.loaded or not page.modified:
+        return response
+    db, data = context.session(), dict(page)
+    if page.record is not None:
+        page_sessions.save_data(db, page.record, data)
+    elif data:
+        page.record, page.issued = page_sessions.start(
+            db,
+            key=None,
+            data=data,
+            hmac_key=context.settings().hmac_key,
+            lifetimes=_lifetimes(),
+            now=context.now(),
+        )
+    page.modified = False
+    return response
+
+
 def sign_in(db: Session, secret: str, *, settings: Settings, now: dt.datetime) -> SignIn:
-    """Sign the session in with the API key ``secret``.
+    """Sign in with the API key ``secret``, in a new session (the old one ends).
 
     Raises TooManySignIns over the per-IP limit, and InvalidApiKey for a key that is unknown,
     revoked, disabled or expired (a key at 402, 429 or 451 may sign in: it may want to pay).
@@ -173,40 +236,38 @@ def sign_in(db: Session, secret: str, *, settings: Settings, now: dt.datetime) -
     key = keys.find_key(db, secret.strip(), hmac_key=settings.hmac_key)
     if not key.usable(now):
         raise keys.InvalidApiKey("Incorrect API key provided.", param="api_key")
-    # A fresh session (and CSRF token) on every sign-in, so nothing from before carries over.
-    session.clear()
-    session.permanent = True
-    session.update(key_id=key.id, account_id=key.account_id, signed_in_at=now.timestamp())
+    page = _page()
+    if page.record is not None:
+        page_sessions.end(db, page.record)
+    page.forget()
+    lifetimes = _lifetimes()
+    record, token = page_sessions.start(
+        db, key=key, data={}, hmac_key=settings.hmac_key, lifetimes=lifetimes, now=now
+    )
+    page.resume(record, key)
+    page.issued, page.ends_at = token, lifetimes.ends_at(record)
     _new_csrf_token()
     return SignIn(key=key, account_id=key.account_id)
 
 
-def signed_in(db: Session, *, now: dt.datetime) -> SignIn | None:
-    """The session's sign-in if it is still good: the key exists and is not refused with 401."""
-    key_id = session.get("key_id")
-    signed_in_at = session.get("signed_in_at")
-    if not isinstance(key_id, str) or not isinstance(signed_in_at, int | float):
-        return None
-    lifetime = current_app.config["PERMANENT_SESSION_LIFETIME"]
-    if now.timestamp() - signed_in_at > lifetime.total_seconds():
-        sign_out()
-        return None
-    key = db.get(keys.ApiKey, key_id)
-    if key is None or not key.usable(now):
-        sign_out()
-        return None
-    return SignIn(key=key, account_id=key.account_id)
+def signed_in() -> SignIn | None:
+    """The session's sign-in, checked when the request began (:func:`load_session`)."""
+    key = _page().key
+    return None if key is None else SignIn(key=key, account_id=key.account_id)
 
 
-def require_sign_in(db: Session, *, now: dt.datetime) -> SignIn:
+def require_sign_in() -> SignIn:
     """The session's sign-in, as :func:`signed_in`; raises NotSignedIn if there is none."""
-    signed = signed_in(db, now=now)
+    signed = signed_in()
     if signed is None:
         raise NotSignedIn("Not signed in.")
     return signed
 
 
-def sign_out() -> None:
-    """Forget the sign-in, keeping a (new) CSRF token for the sign-in form."""
-    session.clear()
-    _new_csrf_token()
+def sign_out(db: Session) -> None:
+    """End the session: its token signs nothing in any more, and the cookie is removed."""
+    page = _page()
+    if page.record is not None:
+        page_sessions.end(db, page.record)
+    page.forget()
+    g.pop(CSRF_FIELD, None)

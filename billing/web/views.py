@@ -37,8 +37,10 @@ web = Blueprint(
     static_folder="static",
     static_url_path="/static",
 )
-# Every POST to the page carries the session's CSRF token; nothing outside /billing is checked.
+# The session first, then its CSRF token on every POST; nothing outside /billing is checked.
+web.before_request(access.load_session)
 web.before_request(access.check_csrf)
+web.after_request(access.store_session)
 
 CHART_DAYS = 30
 LEDGER_ROWS = 20
@@ -70,8 +72,6 @@ def _no_store(response: Response) -> Response:
     # show someone an old or another's page.
     if not request.path.startswith("/billing/static/"):
         response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "same-origin"
     return response
 
 
@@ -90,7 +90,7 @@ def amounts(account: Account) -> dict[str, Nanos]:
 @web.get("/")
 def page() -> ResponseReturnValue:
     """The account page when signed in, else the sign-in form."""
-    signed = access.signed_in(session(), now=now())
+    signed = access.signed_in()
     if signed is None:
         return render_template("billing/sign_in.html")
     return _account_page(signed)
@@ -114,15 +114,15 @@ def sign_in() -> ResponseReturnValue:
 
 @web.post("/sign-out")
 def sign_out() -> ResponseReturnValue:
-    """Forget the sign-in."""
-    access.sign_out()
+    """End the session; a copy of its cookie signs nothing in any more."""
+    access.sign_out(session())
     return redirect(url_for("web.page"), code=303)
 
 
 @web.post("/top-up")
 def top_up() -> ResponseReturnValue:
     """Start a top-up: the card form (PaymentIntent mode) or a redirect to Stripe Checkout."""
-    signed = access.signed_in(session(), now=now())
+    signed = access.signed_in()
     if signed is None:
         return redirect(url_for("web.page"), code=303)
     amount = _amount_from_form()
@@ -149,7 +149,7 @@ def top_up() -> ResponseReturnValue:
 def pay_with_card(payment_id: str) -> ResponseReturnValue:
     """Pay a started top-up with the card token Stripe.js made on the pay page; answers the
     PaymentIntent's status (``requires_action``: the page lets Stripe.js authenticate it)."""
-    signed = access.require_sign_in(session(), now=now())
+    signed = access.require_sign_in()
     token = request.form.get("token", "")
     if not token.startswith("tok_"):
         raise InvalidRequest("token must be a card token made by Stripe.js.", param="token")
@@ -168,7 +168,7 @@ def pay_with_card(payment_id: str) -> ResponseReturnValue:
 def balance() -> ResponseReturnValue:
     """The signed-in account's amounts and key states as JSON; with ``?payment=<id>`` also that
     payment's status (the pay page polls it until the webhook has credited the payment)."""
-    signed = access.require_sign_in(session(), now=now())
+    signed = access.require_sign_in()
     account = get_account(session(), signed.account_id)
     moment = now()
     body: dict[str, Any] = {
@@ -245,7 +245,7 @@ def _billing_error(exc: BillingError) -> ResponseReturnValue:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
     if isinstance(exc, access.CsrfRefused | access.TooManySignIns):
         return render_template("billing/error.html", message=exc.message), exc.status, headers
-    signed = access.signed_in(session(), now=now())
+    signed = access.signed_in()
     if signed is None:
         return render_template("billing/sign_in.html", error=exc.message), exc.status, headers
     return _account_page(signed, error=exc.message), exc.status, headers

@@ -1,6 +1,7 @@
 """Fixtures of the customer-page tests: the app served by a real HTTP server in a thread, its
 data committed for real (and truncated after each test), and one headless Chromium for the whole
-session, driven by Playwright.
+session, driven by Playwright. Every browser context records Content-Security-Policy
+violations, and a test whose pages had any fails.
 
 Chromium is Debian's (``/usr/bin/chromium``, installed by ``.ci/run``); Playwright never
 downloads a browser of its own here.
@@ -99,12 +100,43 @@ def committed_web(live_app: Flask, committed: Engine) -> Iterator[Engine]:
     yield committed
 
 
+# Runs in every page and frame before the page's own scripts (Playwright injects it past CSP).
+CSP_LISTENER = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__billingCspViolation(
+    `${event.effectiveDirective} refused ${event.blockedURI || "inline"} on ${event.documentURI}`
+  );
+});
+"""
+
+
+def watch_csp(ctx: BrowserContext) -> list[str]:
+    """Every CSP violation in ``ctx``'s pages from now on: each ``securitypolicyviolation``
+    event, and each console message Chromium writes about one."""
+    seen: list[str] = []
+
+    def report(violation: str) -> None:
+        seen.append(violation)
+
+    ctx.expose_function("__billingCspViolation", report)
+    ctx.add_init_script(CSP_LISTENER)
+    ctx.on(
+        "console",
+        lambda message: (
+            seen.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    return seen
+
+
 @pytest.fixture
 def context(browser: Browser, committed_web: Engine) -> Iterator[BrowserContext]:
-    """A fresh browser profile (no cookies) for one test."""
+    """A fresh browser profile (no cookies) for one test, which must see no CSP violation."""
     ctx = browser.new_context()
+    violations = watch_csp(ctx)
     yield ctx
     ctx.close()
+    assert violations == [], "Content-Security-Policy violations"
 
 
 @pytest.fixture

@@ -12,12 +12,13 @@ from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from billing.accounts.page_sessions import TOKEN
 from billing.core.money import format_dollars
 from billing.payments.models import Payment
 from tests.localstripe import PUBLISHABLE_KEY
 from tests.support import report_usage
 from tests.web import support
-from tests.web.conftest import ARTIFACTS, SIGN_IN_LIMIT
+from tests.web.conftest import ARTIFACTS, SIGN_IN_LIMIT, watch_csp
 from tests.web.support import (
     CODE,
     LITE,
@@ -77,13 +78,18 @@ def test_a_good_key_shows_amounts_keys_chart_and_ledger(
     # No secret is ever shown again.
     assert acme.secret not in page.content()
     # The chart: one series per model used in the last 30 days, with a text alternative.
-    chart = page.locator("#usage-chart svg")
+    chart = page.locator("#usage-chart svg.chart")
     expect(chart).to_have_attribute("role", "img")
-    series = page.locator("#usage-chart svg g.series")
+    series = page.locator("#usage-chart svg.chart g.series")
     expect(series).to_have_count(2)
     assert [series.nth(i).get_attribute("data-model") for i in range(2)] == [CODE, LITE]
     expect(series.nth(0).locator("rect")).to_have_count(2)  # today and 3 days ago
     expect(series.nth(1).locator("rect")).to_have_count(1)
+    # The legend's swatches take their series' colours (drawn, not styled inline: see the CSP).
+    swatches = page.locator(".legend .swatch rect")
+    assert [swatches.nth(i).get_attribute("fill") for i in range(2)] == [
+        series.nth(i).get_attribute("fill") for i in range(2)
+    ]
     page.get_by_text("Usage as a table").click()
     table = page.locator("#usage-table")
     expect(table.locator("tbody tr")).to_have_count(2)
@@ -165,8 +171,9 @@ def test_the_session_cookie_is_httponly_samesite_lax_and_secure(
     assert cookie["sameSite"] == "Lax"
     assert cookie["secure"] is True
     assert cookie["path"] == "/billing"
-    # The cookie holds no secret: the key is never stored, only its id.
-    assert acme.secret not in cookie["value"]
+    # The cookie holds only the session's random token: no key, no id.
+    assert TOKEN.fullmatch(cookie["value"])
+    assert acme.secret not in cookie["value"] and acme.key["id"] not in cookie["value"]
     assert page.evaluate("document.cookie") == ""
 
 
@@ -232,6 +239,7 @@ def test_a_phone_viewport_has_no_horizontal_scroll(
         is_mobile=True,
         has_touch=True,
     )
+    violations = watch_csp(phone)
     try:
         page = phone.new_page()
         page.goto(f"{live_server}/billing")
@@ -240,10 +248,11 @@ def test_a_phone_viewport_has_no_horizontal_scroll(
         expect(page.locator("#balance")).to_contain_text("$")
         page.get_by_text("Usage as a table").click()
         assert _scroll_width(page) <= 390
-        box = page.locator("#usage-chart svg").bounding_box()
+        box = page.locator("#usage-chart svg.chart").bounding_box()
         assert box is not None and box["width"] <= 390
     finally:
         phone.close()
+    assert violations == []
 
 
 def _scroll_width(page: Page) -> int:
