@@ -81,13 +81,16 @@ def _recreate_database(url: str) -> None:
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for tests: the test database, fixed secrets, no Redis unless asked."""
+    """Settings for tests: the test database, fixed secrets, no Redis unless asked, and webhooks
+    allowed to the receivers the tests run on 127.0.0.1 (tests/notify/test_addresses.py turns
+    that off)."""
     values: dict[str, Any] = {
         "database_url": TEST_DATABASE_URL,
         "redis_url": None,
         "secret_key": SECRET_KEY,
         "billing_admin_token": ADMIN_TOKEN,
         "billing_gateway_token": GATEWAY_TOKEN,
+        "webhook_allow_private_urls": True,
         "data_dir": data_dir,
         "_env_file": None,
     }
@@ -198,6 +201,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "SECRET_KEY": settings.secret_key.get_secret_value(),
         "BILLING_ADMIN_TOKEN": settings.billing_admin_token.get_secret_value(),
         "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
+        "WEBHOOK_ALLOW_PRIVATE_URLS": str(settings.webhook_allow_private_urls).lower(),
         "DATA_DIR": str(settings.data_dir),
     }
 
