@@ -201,16 +201,28 @@ def _send(
     """POST the signed event once, to the address its host resolves to if that may be reached;
     never raises for what the receiver, the network or DNS does."""
     started = time.monotonic()
+    status_code, error, final = None, None, False
     try:
         destination = addresses.resolve(claim.url, allow_private=allow_private)
     except InvalidRequest as exc:  # AddressRefused, or a URL registered under older rules
-        duration_ms = round((time.monotonic() - started) * 1000)
-        return _Outcome(now, None, f"refused: {exc.message}"[:500], duration_ms, final=True)
+        error, final = f"refused: {exc.message}", True
     except (OSError, UnicodeError) as exc:
-        duration_ms = round((time.monotonic() - started) * 1000)
-        return _Outcome(
-            now, None, f"ConnectionError: could not resolve the host: {exc}"[:500], duration_ms
-        )
+        error = f"ConnectionError: could not resolve the host: {exc}"
+    else:
+        status_code, error = _post(http, claim, destination, timeout=timeout, now=now)
+    duration_ms = round((time.monotonic() - started) * 1000)
+    return _Outcome(now, status_code, error and error[:500], duration_ms, final)
+
+
+def _post(
+    http: requests.Session,
+    claim: _Claim,
+    destination: addresses.Destination,
+    *,
+    timeout: float,
+    now: dt.datetime,
+) -> tuple[int | None, str | None]:
+    """The status code and the error (None: a 2xx) of one signed POST to ``destination``."""
     headers = {
         "host": destination.host_header,
         "content-type": "application/json",
@@ -219,7 +231,6 @@ def _send(
         "webhook-timestamp": str(math.floor(now.timestamp())),
         "webhook-signature": Webhook(claim.secret).sign(claim.message_id, now, claim.body),
     }
-    status_code, error = None, None
     try:
         # A redirect is a failure (Standard Webhooks): the registered URL is the one we trust.
         with http.post(
@@ -231,12 +242,9 @@ def _send(
             stream=True,
         ) as response:
             status_code = response.status_code
-        if not 200 <= status_code < 300:
-            error = f"HTTP {status_code}"
     except requests.RequestException as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
-    duration_ms = round((time.monotonic() - started) * 1000)
-    return _Outcome(now, status_code, error, duration_ms)
+        return None, f"{type(exc).__name__}: {exc}"
+    return status_code, None if 200 <= status_code < 300 else f"HTTP {status_code}"
 
 
 def _record(
