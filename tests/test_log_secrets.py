@@ -51,82 +51,51 @@ def test_clean():
     assert REPORT not in result.stdout.str()
 
 
-def test_a_logged_key_fails_the_run_without_showing_it(run: Run) -> None:
+def test_each_leak_fails_the_run_and_is_named_without_being_shown(run: Run) -> None:
     key = "sk-" + "Ab1" * 16
     result = run(
         f"""
 import logging
+from tests.log_secrets import watch
 
-def test_leak():
+def test_a_key():
     logging.getLogger("billing.accounts.keys").warning("issued %s", "{key}")
-"""
-    )
-    result.assert_outcomes(passed=1)  # the test passed; the run did not
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(
-        [
-            f"*{REPORT}*",
-            "Leaked: an API key (sk-Ab1A...) in the log of test_sub.py::test_leak"
-            " (billing.accounts.keys)",
-        ]
-    )
-    assert key not in result.stdout.str()
 
-
-def test_a_traceback_is_searched_too(run: Run) -> None:
-    result = run(
-        """
-import logging
-
-def test_leak():
+def test_a_token_in_a_traceback():
     try:
         raise ValueError("bad token adm_" + "x" * 48)
     except ValueError:
         logging.getLogger("billing.http.errors").exception("request failed")
-"""
-    )
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["Leaked: an admin token (adm_xxx...)*"])
 
-
-def test_an_email_logged_at_info_fails_the_run(run: Run) -> None:
+def test_an_email_at_info():
     # INFO is below the root logger's default level: the check lowers it to see these.
-    result = run(
-        """
-import logging
-
-def test_leak():
     logging.getLogger("billing.accounts").info("created account for %s", "jane@example.test")
-"""
-    )
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["Leaked: an email address (jane@ex...)*"])
 
-
-def test_a_log_file_of_a_process_the_tests_started_is_searched(run: Run) -> None:
-    result = run(
-        """
-def test_leak(tmp_path):
+def test_a_log_file_of_a_process(tmp_path):
     (tmp_path / "worker.log").write_text("started\\nsigned with whsec_" + "Q" * 43 + "=\\n")
-"""
-    )
-    assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["Leaked: a webhook signing secret (whsec_Q...) in *worker.log:2"])
 
-
-def test_a_watched_value_is_found(run: Run) -> None:
-    result = run(
-        """
-import logging
-from tests.log_secrets import watch
-
-def test_leak():
+def test_a_watched_value():
     watch("fixed-bootstrap-token")
     logging.getLogger("billing.cli").warning("bootstrap token fixed-bootstrap-token accepted")
 """
     )
+    result.assert_outcomes(passed=5)  # every test passed; the run did not
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["Leaked: a configured secret (fixed-b...)*"])
+    result.stdout.fnmatch_lines(
+        [
+            f"*{REPORT}*",
+            "Leaked: an API key (sk-Ab1A...) in the log of test_sub.py::test_a_key"
+            " (billing.accounts.keys)",
+            "Leaked: an admin token (adm_xxx...) in the log of"
+            " test_sub.py::test_a_token_in_a_traceback (billing.http.errors)",
+            "Leaked: an email address (jane@ex...) in the log of"
+            " test_sub.py::test_an_email_at_info (billing.accounts)",
+            "Leaked: a configured secret (fixed-b...) in the log of"
+            " test_sub.py::test_a_watched_value (billing.cli)",
+            "Leaked: a webhook signing secret (whsec_Q...) in *worker.log:2",
+        ]
+    )
+    assert key not in result.stdout.str()
 
 
 def test_a_capture_detached_during_the_run_fails_it(run: Run) -> None:
