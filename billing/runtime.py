@@ -269,6 +269,7 @@ class Runtime:
             hmac_key=settings.hmac_key,
             schedule=delivery.RETRY_SCHEDULE if schedule is None else schedule,
             timeout=settings.webhook_timeout_seconds,
+            allow_private=settings.webhook_allow_private_urls,
             on_outcome=lambda outcome: metrics.WEBHOOK_DELIVERIES.labels(outcome=outcome).inc(),
         )
 

@@ -35,8 +35,9 @@ from billing.core.settings import Settings
 from billing.runtime import Runtime
 from tests.support import client_with
 
-# Fixtures of their own modules, for every test that needs them.
-pytest_plugins = ["tests.reliability.faults"]
+# Fixtures of their own modules, for every test that needs them; the check that no secret
+# reaches the logs of the run (tests/log_secrets.py); pytester, which tests that check.
+pytest_plugins = ["tests.reliability.faults", "tests.log_secrets", "pytester"]
 
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/billing_test"
@@ -58,6 +59,15 @@ def pytest_configure(config: pytest.Config) -> None:
     one, so that any failure is reproduced by running again with that seed."""
     if config.getoption("hypothesis_seed") is None:
         config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The fixed secrets the tests configure are looked for in the run's logs too."""
+    # Imported here, once pytest_plugins has loaded it: an earlier import would keep pytest
+    # from rewriting its asserts.
+    from tests import log_secrets
+
+    log_secrets.watch(ADMIN_TOKEN, GATEWAY_TOKEN, SECRET_KEY)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -85,7 +95,9 @@ def _recreate_database(url: str) -> None:
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    """Settings for tests: the test database, fixed secrets, no Redis unless asked."""
+    """Settings for tests: the test database, fixed secrets, no Redis unless asked, and webhooks
+    allowed to the receivers the tests run on 127.0.0.1 (tests/notify/test_addresses.py turns
+    that off)."""
     values: dict[str, Any] = {
         "database_url": TEST_DATABASE_URL,
         "redis_url": None,
@@ -93,6 +105,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "billing_admin_token": ADMIN_TOKEN,
         "billing_gateway_token": GATEWAY_TOKEN,
         "auth_failure_rate_limit": AUTH_FAILURE_RATE_LIMIT,
+        "webhook_allow_private_urls": True,
         "data_dir": data_dir,
         "_env_file": None,
     }
@@ -205,6 +218,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "BILLING_ADMIN_TOKEN": settings.billing_admin_token.get_secret_value(),
         "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
         "AUTH_FAILURE_RATE_LIMIT": settings.auth_failure_rate_limit,
+        "WEBHOOK_ALLOW_PRIVATE_URLS": str(settings.webhook_allow_private_urls).lower(),
         "DATA_DIR": str(settings.data_dir),
     }
 

@@ -52,6 +52,7 @@ DOTENV = {
     "METRICS_TOKEN": METRICS_TOKEN,
     "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
     "BILLING_GATEWAY_TOKEN": GATEWAY_TOKEN,
+    "WEBHOOK_ALLOW_PRIVATE_URLS": "true",  # the test's webhook receiver is on 127.0.0.1
 }
 # Seconds a step of the flow may take on a busy 2-core machine before the test gives up.
 DEADLINE = 60.0

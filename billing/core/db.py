@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.types import TypeDecorator
@@ -120,7 +122,11 @@ def utcnow() -> dt.datetime:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; SQLite gets foreign keys, WAL and a busy timeout."""
+    """An engine for ``url``; SQLite gets foreign keys, WAL and a busy timeout. Statement
+    parameters never appear in its errors or logs."""
+    # A failed statement's message (logged with its traceback) would otherwise carry the bound
+    # values: names, emails, key hashes (DESIGN invariant 7).
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
@@ -133,9 +139,24 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     # Sessions in UTC: timestamps come back already in the zone we hand out.
-    return create_engine(
+    engine = create_engine(
         url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"}, **kwargs
     )
+    event.listen(engine, "handle_error", _hide_row_values)
+    return engine
+
+
+# PostgreSQL repeats the values of the row at fault in an error's DETAIL ("Key (email)=(...)
+# already exists", "Failing row contains (...)"), which hide_parameters does not cover.
+_DETAIL = re.compile(r"^DETAIL:.*$", re.MULTILINE)
+
+
+def _hide_row_values(context: ExceptionContext) -> None:
+    """Drop DETAIL from the text of a failed statement's errors; their ``diag`` keeps it."""
+    for error in (context.original_exception, context.sqlalchemy_exception):
+        if error is not None and error.args and isinstance(error.args[0], str):
+            hidden = _DETAIL.sub("DETAIL:  [hidden: it repeats row values]", error.args[0])
+            error.args = (hidden, *error.args[1:])
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         5.0, gt=0, description="Timeout of one webhook request (connect, and each read)."
     )
+    webhook_allow_private_urls: bool = Field(
+        False,
+        description="Let webhook endpoints be loopback, private, link-local or other non-public"
+        " addresses (local development and tests; never in production).",
+    )
     balance_low_threshold_usd: str = Field(
         "1.00", description="account.balance_low is sent when a balance falls to this or below."
     )

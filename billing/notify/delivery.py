@@ -11,6 +11,10 @@ Invariants:
   error and the duration. A failed attempt n is retried after ``RETRY_SCHEDULE[n - 1]``
   seconds; after the last, the delivery is ``failed``. A replay is a new delivery of the same
   event.
+- Each attempt resolves the endpoint's host once, checks every address against
+  ``billing.notify.addresses`` and connects to the checked one; a refused address fails the
+  delivery at once (it is a configuration or an attack, not an outage). Redirects are not
+  followed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from standardwebhooks import Webhook
 
 from billing.core.db import newest_first, transaction, utcnow
 from billing.core.effects import mark_webhooks_pending
-from billing.core.errors import Conflict, NotFound
+from billing.core.errors import Conflict, InvalidRequest, NotFound
+from billing.notify import addresses
 from billing.notify.endpoints import endpoint_secret, get_endpoint
 from billing.notify.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, rfc3339
 
@@ -123,6 +128,7 @@ def replay(session: Session, delivery_id: int, *, now: dt.datetime) -> WebhookDe
 class _Claim:
     delivery_id: int
     attempt: int
+    endpoint_id: str
     url: str
     secret: str
     message_id: str
@@ -135,6 +141,7 @@ class _Outcome:
     status_code: int | None
     error: str | None
     duration_ms: int
+    final: bool = False  # no retry: the delivery fails now
 
     @property
     def succeeded(self) -> bool:
@@ -175,6 +182,7 @@ def _claim(
             return _Claim(
                 delivery.id,
                 delivery.attempts,
+                endpoint.id,
                 endpoint.url,
                 endpoint_secret(endpoint, hmac_key=hmac_key),
                 event.message_id,
@@ -182,21 +190,51 @@ def _claim(
             )
 
 
-def _send(http: requests.Session, claim: _Claim, *, timeout: float, now: dt.datetime) -> _Outcome:
-    """POST the signed event once; never raises for what the receiver or network does."""
+def _send(
+    http: requests.Session,
+    claim: _Claim,
+    *,
+    timeout: float,
+    allow_private: bool,
+    now: dt.datetime,
+) -> _Outcome:
+    """POST the signed event once, to the address its host resolves to if that may be reached;
+    never raises for what the receiver, the network or DNS does."""
+    started = time.monotonic()
+    status_code, error, final = None, None, False
+    try:
+        destination = addresses.resolve(claim.url, allow_private=allow_private)
+    except InvalidRequest as exc:  # AddressRefused, or a URL registered under older rules
+        error, final = f"refused: {exc.message}", True
+    except (OSError, UnicodeError) as exc:
+        error = f"ConnectionError: could not resolve the host: {exc}"
+    else:
+        status_code, error = _post(http, claim, destination, timeout=timeout, now=now)
+    duration_ms = round((time.monotonic() - started) * 1000)
+    return _Outcome(now, status_code, error and error[:500], duration_ms, final)
+
+
+def _post(
+    http: requests.Session,
+    claim: _Claim,
+    destination: addresses.Destination,
+    *,
+    timeout: float,
+    now: dt.datetime,
+) -> tuple[int | None, str | None]:
+    """The status code and the error (None: a 2xx) of one signed POST to ``destination``."""
     headers = {
+        "host": destination.host_header,
         "content-type": "application/json",
         "user-agent": "billing-webhooks/1",
         "webhook-id": claim.message_id,
         "webhook-timestamp": str(math.floor(now.timestamp())),
         "webhook-signature": Webhook(claim.secret).sign(claim.message_id, now, claim.body),
     }
-    started = time.monotonic()
-    status_code, error = None, None
     try:
         # A redirect is a failure (Standard Webhooks): the registered URL is the one we trust.
         with http.post(
-            claim.url,
+            destination.url,
             data=claim.body.encode(),
             headers=headers,
             timeout=timeout,
@@ -204,12 +242,9 @@ def _send(http: requests.Session, claim: _Claim, *, timeout: float, now: dt.date
             stream=True,
         ) as response:
             status_code = response.status_code
-        if not 200 <= status_code < 300:
-            error = f"HTTP {status_code}"
     except requests.RequestException as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
-    duration_ms = round((time.monotonic() - started) * 1000)
-    return _Outcome(now, status_code, error, duration_ms)
+        return None, f"{type(exc).__name__}: {exc}"
+    return status_code, None if 200 <= status_code < 300 else f"HTTP {status_code}"
 
 
 def _record(
@@ -246,7 +281,7 @@ def _record(
             delivery.next_attempt_at = None
             delivery.delivered_at = now
             return "succeeded"
-        if claim.attempt <= len(schedule):
+        if not outcome.final and claim.attempt <= len(schedule):
             delivery.next_attempt_at = now + dt.timedelta(seconds=schedule[claim.attempt - 1])
             return "retry_scheduled"
         delivery.give_up(outcome.error or "failed")
@@ -259,6 +294,7 @@ def deliver_due(
     hmac_key: bytes,
     schedule: Sequence[float] = RETRY_SCHEDULE,
     timeout: float = DEFAULT_TIMEOUT,
+    allow_private: bool = False,
     clock: Callable[[], dt.datetime] = utcnow,
     limit: int = 50,
     on_outcome: Callable[[str], None] | None = None,
@@ -267,21 +303,25 @@ def deliver_due(
 
     Each is claimed, signed and posted, and its attempt recorded, in transactions of their own
     (``sessions`` makes them); ``on_outcome`` hears each recorded outcome (as ``_record``
-    returns it) once committed. Returns the number of attempts made.
+    returns it) once committed. Returns the number of attempts made. Private, loopback and
+    other non-public addresses are refused unless ``allow_private``.
     """
     lease = dt.timedelta(seconds=timeout) * 2 + LEASE_MARGIN
     made = 0
     with requests.Session() as http:
+        http.mount("http://", addresses.PinnedAdapter())
+        http.mount("https://", addresses.PinnedAdapter())
         while made < limit:
             claim = _claim(sessions, hmac_key=hmac_key, lease=lease, now=clock())
             if claim is None:
                 break
-            outcome = _send(http, claim, timeout=timeout, now=clock())
+            outcome = _send(http, claim, timeout=timeout, allow_private=allow_private, now=clock())
             if outcome.error:
+                # The endpoint, not its URL: a receiver's URL may hold a secret path or query.
                 log.info(
-                    "webhook %s to %s: attempt %d failed: %s",
+                    "webhook %s to endpoint %s: attempt %d failed: %s",
                     claim.message_id,
-                    claim.url,
+                    claim.endpoint_id,
                     claim.attempt,
                     outcome.error,
                 )

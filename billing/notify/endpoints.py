@@ -1,7 +1,8 @@
 """Webhook endpoints: the gateway URLs that receive events, and their signing secrets.
 
 Invariants:
-- An endpoint's URL is absolute http(s) with a host and no credentials, and it subscribes to at
+- An endpoint's URL follows the rule of ``billing.notify.addresses`` (http(s), no credentials,
+  no private, loopback, link-local or metadata address unless allowed), and it subscribes to at
   least one known event type.
 - Endpoint secrets (``whsec_`` + base64 of 32 bytes) are shown once, at creation, and never
   stored: each is derived when needed as HMAC-SHA256(server secret, endpoint id and a random
@@ -17,15 +18,14 @@ import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.core.errors import InvalidRequest, NotFound
 from billing.core.ids import new_id, random_base62
+from billing.notify.addresses import checked_url
 from billing.notify.models import (
-    MAX_URL_LENGTH,
     DeliveryStatus,
     EventType,
     WebhookDelivery,
@@ -47,27 +47,6 @@ def endpoint_secret(endpoint: WebhookEndpoint, *, hmac_key: bytes) -> str:
     return SECRET_PREFIX + base64.b64encode(digest).decode()
 
 
-def _checked_url(url: str) -> str:
-    url = url.strip()
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        parts, port = None, None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(
-            "url must be an absolute http:// or https:// URL with a host.", param="url"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise InvalidRequest(
-            "url must not carry credentials: the signature authenticates each request.",
-            param="url",
-        )
-    if port == 0 or len(url) > MAX_URL_LENGTH:
-        raise InvalidRequest("url is not a usable URL.", param="url")
-    return url
-
-
 def _checked_types(event_types: Sequence[str] | None) -> list[str]:
     known = {str(kind) for kind in EventType}
     if event_types is None:
@@ -81,7 +60,7 @@ def _checked_types(event_types: Sequence[str] | None) -> list[str]:
         )
     if not event_types:
         raise InvalidRequest("event_types must name at least one event type.", param="event_types")
-    return sorted(set(event_types))
+    return sorted({str(kind) for kind in event_types})
 
 
 def create_endpoint(
@@ -90,15 +69,18 @@ def create_endpoint(
     url: str,
     event_types: Sequence[str] | None,
     hmac_key: bytes,
+    allow_private: bool,
     now: dt.datetime,
 ) -> tuple[WebhookEndpoint, str]:
     """Register an endpoint (default: every event type); returns it with its secret, shown once.
 
-    Raises InvalidRequest for a URL that is not http(s) with a host, or an unknown event type.
+    Raises InvalidRequest for a URL that is not http(s) with a host, or an unknown event type,
+    and AddressRefused for a private, loopback, link-local or metadata host unless
+    ``allow_private``.
     """
     endpoint = WebhookEndpoint(
         id=new_id("whe"),
-        url=_checked_url(url),
+        url=checked_url(url, allow_private=allow_private),
         event_types=_checked_types(event_types),
         secret_salt=random_base62(32),
         created_at=now,

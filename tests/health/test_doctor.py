@@ -133,6 +133,7 @@ def test_a_healthy_deployment_has_nothing_but_this_machines_autovacuum(
             url="https://gateway.example/hooks",
             event_types=None,
             hmac_key=b"k",
+            allow_private=False,
             now=utcnow(),
         )
     client = redis.Redis.from_url(TEST_REDIS_URL)
@@ -156,7 +157,12 @@ def test_the_embedded_default_with_everything_in_place_passes(tmp_path: Path) ->
     with transaction(make_sessionmaker(engine)) as session:
         catalog.import_prices(session, catalog.default_price_file(), now=utcnow())
         create_endpoint(
-            session, url="https://gateway.example/h", event_types=None, hmac_key=b"k", now=utcnow()
+            session,
+            url="https://gateway.example/h",
+            event_types=None,
+            hmac_key=b"k",
+            allow_private=False,
+            now=utcnow(),
         )
     engine.dispose()
 

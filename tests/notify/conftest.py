@@ -6,6 +6,7 @@ status codes. Plus helpers that set accounts, keys and endpoints up through the 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -47,15 +48,17 @@ class Receiver:
     """A gateway's webhook endpoint. ``secret`` is set once the endpoint is registered."""
 
     server: ThreadingHTTPServer
+    scheme: str = "http"
     secret: str | None = None
     script: list[int] = field(default_factory=list)  # answers to give first, then 200
+    redirect_to: str | None = None  # the Location of a 3xx answer
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/hooks"
+        return f"{self.scheme}://{host!s}:{port}/hooks"
 
     def handle(self, headers: dict[str, str], body: bytes) -> int:
         payload, error = None, None
@@ -92,8 +95,11 @@ def _handler(receiver_of: Callable[[], Receiver]) -> type[BaseHTTPRequestHandler
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             headers = {name.lower(): value for name, value in self.headers.items()}
-            status = receiver_of().handle(headers, body)
+            receiver = receiver_of()
+            status = receiver.handle(headers, body)
             self.send_response(status)
+            if 300 <= status < 400 and receiver.redirect_to:
+                self.send_header("Location", receiver.redirect_to)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -103,11 +109,14 @@ def _handler(receiver_of: Callable[[], Receiver]) -> type[BaseHTTPRequestHandler
     return Handler
 
 
-def start_receiver() -> Receiver:
+def start_receiver(tls: ssl.SSLContext | None = None) -> Receiver:
+    """A receiver serving on 127.0.0.1 in a thread of its own; over TLS with ``tls``."""
     holder: list[Receiver] = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(lambda: holder[0]))
     server.daemon_threads = True
-    holder.append(Receiver(server))
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    holder.append(Receiver(server, scheme="http" if tls is None else "https"))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return holder[0]
 

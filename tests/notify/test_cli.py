@@ -27,6 +27,7 @@ def test_the_cli_delivers_on_the_embedded_default(tmp_path: Path, receiver: Rece
         "REDIS_URL": "",
         "DATA_DIR": str(tmp_path),
         "SECRET_KEY": SECRET_KEY,
+        "WEBHOOK_ALLOW_PRIVATE_URLS": "true",  # the receiver listens on 127.0.0.1
     }
     assert run("db", "upgrade", env=env).exit_code == 0
     settings = Settings(
@@ -39,7 +40,12 @@ def test_the_cli_delivers_on_the_embedded_default(tmp_path: Path, receiver: Rece
     with runtime.transaction() as session:
         now = utcnow()
         _, receiver.secret = endpoints.create_endpoint(
-            session, url=receiver.url, event_types=None, hmac_key=settings.hmac_key, now=now
+            session,
+            url=receiver.url,
+            event_types=None,
+            hmac_key=settings.hmac_key,
+            allow_private=True,
+            now=now,
         )
         account = accounts.create_account(session, name="embedded", email=None, now=now)
         key, _ = keys.issue_key(

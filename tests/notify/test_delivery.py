@@ -37,7 +37,11 @@ OVERDRAW = (1000, 2000)
 
 def deliver(runtime: Runtime, schedule: tuple[float, ...] = (60,)) -> int:
     return delivery.deliver_due(
-        runtime.sessions, hmac_key=runtime.settings.hmac_key, schedule=schedule, timeout=5
+        runtime.sessions,
+        hmac_key=runtime.settings.hmac_key,
+        schedule=schedule,
+        timeout=5,
+        allow_private=runtime.settings.webhook_allow_private_urls,
     )
 
 
@@ -201,14 +205,19 @@ def test_an_unreachable_receiver_is_logged_as_an_error(
     assert attempt["error"].startswith("ConnectionError")
 
 
-def test_a_redirect_is_a_failure(admin: FlaskClient, runtime: Runtime, receiver: Receiver) -> None:
+def test_a_redirect_is_a_failure_and_is_not_followed(
+    admin: FlaskClient, runtime: Runtime, receiver: Receiver, second_receiver: Receiver
+) -> None:
     endpoint_id = register(admin, receiver, ["key.state_changed"])
     receiver.script = [307]
+    receiver.redirect_to = second_receiver.url
     new_key(admin, new_account(admin))
     deliver(runtime)
     detail = delivery_of(admin, endpoint_id)
     assert detail["status"] == "pending"
     assert detail["attempt_log"][0]["status_code"] == 307
+    assert [r.answered for r in receiver.requests()] == [307]
+    assert second_receiver.requests() == []
 
 
 def test_replay_redelivers_the_same_signed_event(
@@ -303,6 +312,7 @@ def test_the_balance_low_threshold_is_configurable(
         url="http://127.0.0.1:9/x",
         event_types=["account.balance_low"],
         hmac_key=runtime.settings.hmac_key,
+        allow_private=True,
         now=utcnow(),
     )
     account_id = new_account(admin, credit="6")
@@ -326,7 +336,7 @@ def test_nothing_is_stored_for_an_event_no_endpoint_wants(admin: FlaskClient, db
 def test_a_rolled_back_change_announces_nothing(db: Session, runtime: Runtime) -> None:
     now = utcnow()
     endpoints.create_endpoint(
-        db, url="http://127.0.0.1:9/x", event_types=None, hmac_key=b"k", now=now
+        db, url="http://127.0.0.1:9/x", event_types=None, hmac_key=b"k", allow_private=True, now=now
     )
     account = accounts.create_account(db, name="t", email=None, now=now)
     settings = keys.KeySettings("k", None, None, None, None)

@@ -15,6 +15,7 @@ from billing.http.context import now, session, settings
 from billing.notify import delivery, endpoints
 from billing.notify.models import (
     DeliveryStatus,
+    EventType,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
@@ -24,17 +25,16 @@ from billing.notify.models import (
 TAGS = [Tag(name="Webhooks")]
 
 
-WebhookEventType = Literal["key.state_changed", "account.balance_low", "account.balance_depleted"]
-
-
 class WebhookEndpointCreate(schemas.Body):
     url: str = Field(
         min_length=1,
         max_length=2000,
-        description="An http:// or https:// URL; each request to it is signed (Standard Webhooks).",
+        description="An http:// or https:// URL of a public address (no loopback, private,"
+        " link-local or metadata host unless WEBHOOK_ALLOW_PRIVATE_URLS); each request to it is"
+        " signed (Standard Webhooks).",
         examples=["https://gateway.example.com/billing-webhooks"],
     )
-    event_types: list[WebhookEventType] | None = Field(
+    event_types: list[EventType] | None = Field(
         None, description="The event types to receive; omitted or null: all of them."
     )
 
@@ -169,6 +169,7 @@ def create_webhook_endpoint(body: WebhookEndpointCreate) -> tuple[dict[str, Any]
         url=body.url,
         event_types=body.event_types,
         hmac_key=settings().hmac_key,
+        allow_private=settings().webhook_allow_private_urls,
         now=now(),
     )
     return webhook_endpoint_with_secret(row, secret).model_dump(mode="json"), 201
