@@ -17,7 +17,11 @@ from billing.api import schemas
 from billing.http.context import bearer_token, now, session, settings
 
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
-ERRORS: dict[int | str, Any] = {400: schemas.ErrorOut, 401: schemas.ErrorOut, 404: schemas.ErrorOut}
+ERRORS: dict[int | str, Any] = {
+    **schemas.ANY_ROUTE_ERRORS,
+    401: schemas.ErrorOut,
+    404: schemas.ErrorOut,
+}
 
 admin = APIBlueprint(
     "admin", __name__, url_prefix="/admin/v1", abp_security=SECURITY, abp_responses=ERRORS
