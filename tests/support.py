@@ -4,16 +4,41 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Connection
+from sqlalchemy.orm import sessionmaker
 
 from billing.enforcement import mirror
+from billing.runtime import Runtime
 
 ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@contextmanager
+def rolled_back(runtime: Runtime) -> Iterator[Connection]:
+    """Every session ``runtime`` opens joins one transaction, rolled back at the end.
+
+    The app's requests join it through savepoints, so a request's commit is visible to the test
+    and nothing outlives it.
+    """
+    original = runtime.sessions
+    with runtime.engine.connect() as connection:
+        outer = connection.begin()
+        runtime.sessions = sessionmaker(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        try:
+            yield connection
+        finally:
+            runtime.sessions = original
+            outer.rollback()
 
 
 def client_with(app: Flask, token: str) -> FlaskClient:
