@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,3 +113,20 @@ def sample(
 ) -> float:
     """One sample's value (0 when it is absent, as an untouched counter is)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class HugeBody(io.RawIOBase):
+    """A request body of ``size`` bytes made up as it is read, counting what was read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self.size - self.read_bytes)
+        buffer[:count] = b" " * count
+        self.read_bytes += count
+        return count

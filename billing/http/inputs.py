@@ -1,9 +1,9 @@
 """What a request must be before any view reads it: the one JSON parser, the body limit, and
 text without NUL characters.
 
-- **Size.** A body over ``MAX_CONTENT_LENGTH`` is answered 413 before it is read: a declared
-  ``Content-Length`` is checked before anything else (the credentials included), and a body
-  sent without one is cut off by Werkzeug at the same limit.
+- **Size.** A body over ``MAX_CONTENT_LENGTH`` is answered 413 before anything else (the
+  credentials included): a declared ``Content-Length`` is checked unread, and a body sent
+  without one (chunked) is read up to one byte past the limit.
 - **JSON.** Every JSON body is parsed here (``BodyJSONProvider`` is the app's JSON, so
   flask-openapi3 reads bodies through it too): duplicate keys, NaN and Infinity, invalid UTF-8
   and nesting deeper than ``MAX_JSON_DEPTH`` are refused with a 400 that says which.
@@ -14,6 +14,7 @@ text without NUL characters.
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Any
 
@@ -118,10 +119,32 @@ def _check_request() -> None:
     # Before any view or credential check: nothing reads a body that is too large, and no NUL
     # in the URL reaches a query.
     limit = request.max_content_length
-    if limit is not None and (request.content_length or 0) > limit:
+    length = request.content_length
+    if limit is not None and length is None and request.environ.get("wsgi.input_terminated"):
+        length = _buffer_unsized_body(limit)
+    if limit is not None and (length or 0) > limit:
         raise body_too_large(limit)
     refuse_nul(request.view_args or {})
     refuse_nul({name: _one_or_all(request.args.getlist(name)) for name in request.args})
+
+
+def _buffer_unsized_body(limit: int) -> int:
+    """Read a body sent without a Content-Length (chunked) up to one byte past ``limit``, keep
+    it for the view, and return how long it was (over ``limit``: longer than allowed).
+
+    Werkzeug cuts such a body off at the limit without a word, which would be answered as
+    truncated JSON rather than 413.
+    """
+    stream = request.environ["wsgi.input"]
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    request.environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
+    return size
 
 
 def _one_or_all(values: list[str]) -> str | list[str]:

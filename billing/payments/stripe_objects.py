@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from billing.core.errors import InvalidRequest
 from billing.core.money import MAX_AMOUNT_NANOS, NANOS_PER_CENT
@@ -18,8 +18,15 @@ from billing.core.text import find_nul, printable
 
 StripeId = Annotated[str, Field(min_length=1, max_length=100)]
 Cents = Annotated[int, Field(strict=True, ge=0, le=MAX_AMOUNT_NANOS // NANOS_PER_CENT)]
-# An id the current API sends as a string and older ones (and localstripe) expand into an object.
-Expandable = StripeId | dict[str, Any] | None
+
+
+def _expanded_id(value: Any) -> Any:
+    return value.get("id") if isinstance(value, dict) else value
+
+
+# An id the current API sends as a string and older ones (and localstripe) expand into an
+# object: the id is what is checked (``fulfilment.stripe_id`` reads it the same way).
+Expandable = Annotated[StripeId | None, BeforeValidator(_expanded_id)]
 Text = Annotated[str, Field(max_length=500)]
 
 
