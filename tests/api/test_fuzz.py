@@ -41,8 +41,9 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy import Connection
 
 from billing.app import create_app
+from billing.core.settings import Settings
 from billing.runtime import Runtime
-from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, TEST_REDIS_URL, make_settings
+from tests.conftest import ADMIN_TOKEN, GATEWAY_TOKEN, make_settings
 from tests.support import client_with, new_key, rolled_back
 
 CHECKS = [
@@ -63,15 +64,17 @@ Where = tuple[str | int, ...]
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(app: Flask, tmp_path_factory: pytest.TempPathFactory) -> Flask:
-    """The app on PostgreSQL and Redis, so that authorize takes its hot path where it can
-    (``app`` has loaded the price table), with a Stripe webhook secret, so that Stripe's route
-    checks signatures rather than answering 503."""
+def fuzz_app(
+    app: Flask, redis_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Flask:
+    """The app on PostgreSQL and Redis (flushed first), so that authorize takes its hot path
+    where it can (``app`` has loaded the price table), with a Stripe webhook secret, so that
+    Stripe's route checks signatures rather than answering 503."""
     del app
     return create_app(
         make_settings(
             tmp_path_factory.mktemp("fuzz"),
-            redis_url=TEST_REDIS_URL,
+            redis_url=redis_settings.redis_url,
             stripe_webhook_secret="whsec_fuzz",
             # The seeded webhook endpoint is on this machine (ignored where no such setting).
             webhook_allow_private_urls=True,
