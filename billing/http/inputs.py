@@ -120,12 +120,18 @@ def _check_request() -> None:
     # in the URL reaches a query.
     limit = request.max_content_length
     length = request.content_length
-    if limit is not None and length is None and request.environ.get("wsgi.input_terminated"):
+    if limit is not None and length is None and _chunked():
         length = _buffer_unsized_body(limit)
     if limit is not None and (length or 0) > limit:
         raise body_too_large(limit)
     refuse_nul(request.view_args or {})
     refuse_nul({name: _one_or_all(request.args.getlist(name)) for name in request.args})
+
+
+def _chunked() -> bool:
+    # A body sent chunked, which the server (gunicorn) ends for us: "wsgi.input_terminated".
+    encoding = request.headers.get("Transfer-Encoding", "").lower()
+    return "chunked" in encoding and bool(request.environ.get("wsgi.input_terminated"))
 
 
 def _buffer_unsized_body(limit: int) -> int:
