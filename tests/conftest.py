@@ -25,7 +25,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from billing.app import create_app
 from billing.catalog import catalog
@@ -33,7 +33,7 @@ from billing.core.db import transaction, utcnow
 from billing.core.migrate import upgrade
 from billing.core.settings import Settings
 from billing.runtime import Runtime
-from tests.support import client_with
+from tests.support import client_with, rolled_back
 
 # Fixtures of their own modules, for every test that needs them; the check that no secret
 # reaches the logs of the run (tests/log_secrets.py); pytester, which tests that check.
@@ -143,18 +143,8 @@ def db(runtime: Runtime) -> Iterator[Session]:
     The app's requests join the same transaction through savepoints, so a request's commit is
     visible to the test and nothing outlives it.
     """
-    original = runtime.sessions
-    with runtime.engine.connect() as connection:
-        outer = connection.begin()
-        runtime.sessions = sessionmaker(
-            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-        )
-        try:
-            with runtime.sessions() as session:
-                yield session
-        finally:
-            runtime.sessions = original
-            outer.rollback()
+    with rolled_back(runtime), runtime.sessions() as session:
+        yield session
 
 
 @pytest.fixture

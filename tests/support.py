@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Connection
+from sqlalchemy.orm import sessionmaker
 
 from billing.enforcement import mirror
+from billing.runtime import Runtime
 
 ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@contextmanager
+def rolled_back(runtime: Runtime) -> Iterator[Connection]:
+    """Every session ``runtime`` opens joins one transaction, rolled back at the end.
+
+    The app's requests join it through savepoints, so a request's commit is visible to the test
+    and nothing outlives it.
+    """
+    original = runtime.sessions
+    with runtime.engine.connect() as connection:
+        outer = connection.begin()
+        runtime.sessions = sessionmaker(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        try:
+            yield connection
+        finally:
+            runtime.sessions = original
+            outer.rollback()
 
 
 def client_with(app: Flask, token: str) -> FlaskClient:
@@ -87,3 +113,20 @@ def sample(
 ) -> float:
     """One sample's value (0 when it is absent, as an untouched counter is)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class HugeBody(io.RawIOBase):
+    """A request body of ``size`` bytes made up as it is read, counting what was read."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self.size - self.read_bytes)
+        buffer[:count] = b" " * count
+        self.read_bytes += count
+        return count

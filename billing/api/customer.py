@@ -21,7 +21,7 @@ customer = APIBlueprint(
     __name__,
     url_prefix="/v1",
     abp_security=[{"customer": []}],
-    abp_responses={401: schemas.ErrorOut, 429: schemas.ErrorOut},
+    abp_responses={**schemas.ANY_ROUTE_ERRORS, 401: schemas.ErrorOut, 429: schemas.ErrorOut},
 )
 TAGS = [Tag(name="Customer (OpenAI-compatible)")]
 

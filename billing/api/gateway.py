@@ -36,12 +36,7 @@ gateway = APIBlueprint(
     __name__,
     url_prefix="/gateway/v1",
     abp_security=[{"gateway": []}],
-    abp_responses={
-        400: schemas.ErrorOut,
-        401: schemas.ErrorOut,
-        429: schemas.ErrorOut,
-        503: schemas.ErrorOut,
-    },
+    abp_responses={**schemas.ANY_ROUTE_ERRORS, 401: schemas.ErrorOut, 429: schemas.ErrorOut},
 )
 TAGS = [Tag(name="Gateway")]
 
@@ -65,7 +60,7 @@ def _authenticate() -> None:
 # Authorize
 
 
-class AuthorizeIn(BaseModel):
+class AuthorizeIn(schemas.Input):
     """A request about to be sent upstream, with what its cost can be estimated from."""
 
     api_key: str = Field(max_length=200, description="The customer's key, `sk-...`.")
@@ -334,7 +329,9 @@ def report_violation(body: ViolationReport) -> tuple[dict[str, Any], int]:
 class KeyStateFeedQuery(BaseModel):
     limit: int = Field(100, ge=1, le=1000, description="Changes per page (1-1000).")
     cursor: str | None = Field(
-        None, description="The `next_cursor` of the previous page; omitted: from the beginning."
+        None,
+        max_length=schemas.MAX_CURSOR_LENGTH,
+        description="The `next_cursor` of the previous page; omitted: from the beginning.",
     )
 
 

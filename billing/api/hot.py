@@ -6,10 +6,10 @@ model call. Flask's request machinery (contexts, hooks, the OpenAPI wrapper) cos
 the authorization itself, so this WSGI middleware answers the common case directly: a gateway
 token accepted within the last seconds, a body that validates, a model whose price is
 remembered, a key and account Redis holds. Anything else (a token not seen lately, a client
-address over the failed-authentication limit, a body that does not validate, a key Redis lacks,
-Redis down) goes on to the Flask route, untouched and with the body intact, which answers it
-the same way with the database at hand. The answers
-are rendered by the same functions as the route's.
+address over the failed-authentication limit, a body without a Content-Length or over
+``MAX_CONTENT_LENGTH``, a body that does not validate, a key Redis lacks, Redis down) goes on to
+the Flask route, untouched and with the body intact (or unread), which answers it the same way
+with the database at hand. The answers are rendered by the same functions as the route's.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from billing.core.errors import BillingError
 from billing.enforcement.authorize import NeedsDatabase
 from billing.http.context import address_of
 from billing.http.errors import error_document
+from billing.http.inputs import InvalidJson, parse_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -52,9 +53,12 @@ class AuthorizeFastPath:
             return self.app(environ, start_response)
         started = time.perf_counter()
         answer = None
-        if self.runtime.hotpath is not None:
-            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-            answer = self._answer(environ, body)
+        if self.runtime.hotpath is not None and self._accepted(environ):
+            # Only a body from a gateway known here, of a declared length within the limit, is
+            # read here; anything else reaches Flask unread, which checks the size and the
+            # token before it reads a byte.
+            body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+            answer = self._answer(body)
             if answer is None:
                 environ["wsgi.input"] = io.BytesIO(body)
         if answer is None:
@@ -78,22 +82,27 @@ class AuthorizeFastPath:
         metrics.AUTHORIZE_FAST_SECONDS.observe(time.perf_counter() - started)
         return [payload]
 
-    def _answer(
-        self, environ: WSGIEnvironment, body: bytes
-    ) -> tuple[int, dict[str, Any], list[tuple[str, str]]] | None:
-        runtime = self.runtime
+    def _accepted(self, environ: WSGIEnvironment) -> bool:
+        """Whether the request carries a gateway token accepted lately and a declared body
+        length within ``MAX_CONTENT_LENGTH``: what must hold before its body is read."""
         scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if (
             scheme.lower() != "bearer"
-            or runtime.gateway_actors.cached(token.strip(), role=Role.GATEWAY) is None
+            or self.runtime.gateway_actors.cached(token.strip(), role=Role.GATEWAY) is None
             # An address over the failed-authentication limit: the route answers its 429.
-            or runtime.auth_failures.retry_after(Role.GATEWAY, address_of(environ)) is not None
+            or self.runtime.auth_failures.retry_after(Role.GATEWAY, address_of(environ))
+            is not None
         ):
-            return None
+            return False
+        length = environ.get("CONTENT_LENGTH") or ""
+        return length.isdigit() and int(length) <= self.runtime.settings.max_content_length
+
+    def _answer(self, body: bytes) -> tuple[int, dict[str, Any], list[tuple[str, str]]] | None:
         try:
-            request = AuthorizeIn.model_validate_json(body).request()
-            result = runtime.authorizer.authorize(None, request, now=utcnow())
-        except (ValidationError, NeedsDatabase):
+            # The app's one JSON parser (duplicate keys, depth), then the route's model.
+            request = AuthorizeIn.model_validate(parse_json(body)).request()
+            result = self.runtime.authorizer.authorize(None, request, now=utcnow())
+        except (ValidationError, InvalidJson, NeedsDatabase):
             return None
         except BillingError as exc:
             headers = [] if exc.retry_after is None else [("Retry-After", str(exc.retry_after))]

@@ -15,13 +15,13 @@ from sqlalchemy import text
 from werkzeug.wrappers import Response
 
 from billing.access.auth import Unauthenticated
-from billing.api.schemas import ErrorOut
+from billing.api.schemas import ANY_ROUTE_ERRORS, ErrorOut
 from billing.core import metrics
 from billing.health import gauges, readiness
 from billing.http.context import bearer_token, now, session, settings
 from billing.runtime import current_runtime
 
-ops = APIBlueprint("ops", __name__)
+ops = APIBlueprint("ops", __name__, abp_responses=ANY_ROUTE_ERRORS)
 TAGS = [Tag(name="Operations")]
 
 

@@ -3,7 +3,8 @@ the model listing. A body that one module uses lives beside its views; the OpenA
 generated from all of them.
 
 Money crosses the API as decimal strings in USD with fields ending in ``_usd``; a JSON number in a
-money field is refused with a 400 that says to send a string.
+money field is refused with a 400 that says to send a string. Every request body and header
+model is an ``Input``, which refuses text with a NUL character anywhere in it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import base64
 import binascii
 import datetime as dt
 import re
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -21,11 +22,14 @@ from pydantic import (
     ConfigDict,
     Field,
     GetPydanticSchema,
+    model_validator,
 )
 from pydantic_core import core_schema
 
+from billing.core.db import MAX_ROW_ID
 from billing.core.errors import InvalidRequest
 from billing.core.money import MAX_AMOUNT_NANOS, MoneyFormatError, format_usd, parse_usd
+from billing.http.inputs import refuse_nul
 
 
 def _refuse_numbers(value: object) -> object:
@@ -69,7 +73,19 @@ PriceAmount = Annotated[
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class Body(BaseModel):
+class Input(BaseModel):
+    """What a request sends (a body, its headers): text with a NUL character anywhere in it,
+    keys and unknown fields included, is refused with a 400 naming where
+    (``billing.http.inputs.TextWithNul``) before any field is validated."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        refuse_nul(data)
+        return data
+
+
+class Body(Input):
     """A request body: unknown fields are refused rather than silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
@@ -86,11 +102,35 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None
 
 
+MAX_CURSOR_LENGTH = 200
+"""Longest cursor accepted: ours encode an id or a row number, far shorter."""
+Cursor = Annotated[
+    str | None,
+    Field(max_length=MAX_CURSOR_LENGTH, description="The `next_cursor` of the previous page."),
+]
+
+
 class PageQuery(BaseModel):
     """Pagination parameters of every list."""
 
     limit: int = Field(20, ge=1, le=100, description="Items per page (1-100).")
-    cursor: str | None = Field(None, description="The `next_cursor` of the previous page.")
+    cursor: Cursor = None
+
+
+class InvalidCursor(InvalidRequest):
+    """A cursor this API did not return."""
+
+    code = "invalid_cursor"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "cursor is not a cursor this API returned: pass a next_cursor unchanged.",
+            param="cursor",
+        )
+
+
+# The positions cursors hold: ids (letters, digits, "_" and "-") and row numbers.
+_POSITION = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 def encode_cursor(position: str | int) -> str:
@@ -99,22 +139,27 @@ def encode_cursor(position: str | int) -> str:
 
 
 def decode_cursor(cursor: str | None) -> str | None:
-    """The list position in ``cursor``; raises InvalidRequest if it is not one of ours."""
+    """The list position in ``cursor``; raises InvalidCursor if it is not one of ours."""
     if cursor is None:
         return None
+    if not cursor.isascii() or len(cursor) > MAX_CURSOR_LENGTH:
+        raise InvalidCursor
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        position = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest("cursor is not a cursor this API returned.", param="cursor") from None
+        raise InvalidCursor from None
+    if not _POSITION.fullmatch(position):
+        raise InvalidCursor
+    return position
 
 
 def decode_int_cursor(cursor: str | None) -> int | None:
-    """A numeric list position from ``cursor``; raises InvalidRequest."""
+    """A numeric list position from ``cursor``; raises InvalidCursor."""
     position = decode_cursor(cursor)
     if position is None:
         return None
-    if not position.isdigit():
-        raise InvalidRequest("cursor is not a cursor this API returned.", param="cursor")
+    if not position.isdigit() or int(position) > MAX_ROW_ID:
+        raise InvalidCursor
     return int(position)
 
 
@@ -122,10 +167,18 @@ class AccountPath(BaseModel):
     account_id: str
 
 
+ErrorType = Literal["invalid_request_error", "requests", "card_error", "server_error"]
+"""Every ``error.type`` an answer carries (``BillingError.type`` and the renderer's own)."""
+
+
 class ErrorDetail(BaseModel):
     message: str
-    type: str
-    param: str | None
+    type: ErrorType = Field(
+        description="invalid_request_error: the request (or an item of it) cannot be done as"
+        " sent; requests: too many, retry later; card_error: the card was declined;"
+        " server_error: ours, retry later."
+    )
+    param: str | None = Field(description="The field, parameter or header at fault, if one is.")
     code: str | None
 
 
@@ -133,6 +186,11 @@ class ErrorOut(BaseModel):
     """The OpenAI error shape every failure is answered with."""
 
     error: ErrorDetail
+
+
+ANY_ROUTE_ERRORS: dict[int | str, Any] = {400: ErrorOut, 413: ErrorOut, 503: ErrorOut}
+"""What any route may answer: 400 for a malformed request (bad JSON, NUL in text, a bad
+parameter), 413 for a body over MAX_CONTENT_LENGTH, 503 when the database is unavailable."""
 
 
 # Models and prices (the admin API and the customer API list them alike)

@@ -23,7 +23,7 @@ from billing.payments import stripe_api, stripe_events
 stripe_webhook = APIBlueprint(
     "stripe_webhook",
     __name__,
-    abp_responses={400: schemas.ErrorOut, 409: schemas.ErrorOut},
+    abp_responses={**schemas.ANY_ROUTE_ERRORS, 409: schemas.ErrorOut},
 )
 STRIPE = [Tag(name="Stripe")]
 

@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from billing.catalog.pricing import Price
+from billing.catalog.usage import MAX_TOKENS
 from billing.core.db import Base, BigIntId
 from billing.core.effects import mark_prices_changed
 from billing.core.errors import Conflict, InvalidRequest, NotFound
@@ -189,9 +190,10 @@ def add_price_version(
         )
     if session.get(ModelAlias, model_id) is not None:
         raise Conflict(f"{model_id!r} is already an alias of another model.", param="id")
-    if prices.max_output_tokens is not None and prices.max_output_tokens <= 0:
+    if prices.max_output_tokens is not None and not 0 < prices.max_output_tokens <= MAX_TOKENS:
         raise InvalidRequest(
-            "max_output_tokens must be a positive integer.", param="max_output_tokens"
+            f"max_output_tokens must be a positive integer of at most {MAX_TOKENS}.",
+            param="max_output_tokens",
         )
     price = prices.to_price()
     starts = effective_from or now

@@ -35,6 +35,8 @@ T = TypeVar("T")
 # Integer ids that are 64-bit on PostgreSQL and still autoincrement on SQLite (whose
 # autoincrement only works on a column declared exactly INTEGER).
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+MAX_ROW_ID = 2**63 - 1
+"""The largest id a BigIntId column holds: a number beyond it names no row."""
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         "1 per 10 seconds", description="Rate limit of new keys (`limits` syntax)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    max_content_length: int = Field(
+        2 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest request body accepted, in bytes; larger ones are answered 413"
+        " unread. A 1000-event usage batch with every field at its longest is under 1 MiB.",
+    )
     # Webhooks (billing.notify)
     webhook_retry_schedule: str | None = Field(
         None,

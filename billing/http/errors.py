@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from billing.core.errors import BillingError, InvalidRequest
+from billing.core.errors import BillingError
+from billing.http.inputs import InvalidJson, body_too_large, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,11 @@ def validation_error_response(exc: ValidationError) -> Response:
     return error_response(400, message, code="invalid_request", param=param)
 
 
-class InvalidJson(InvalidRequest):
-    """The request body is not JSON."""
-
-    code = "invalid_json"
-
-
 def json_body() -> Any:
-    """The request's JSON body (None if there is none); raises InvalidJson if it is not JSON."""
-    if not request.data:
-        return None
-    try:
-        return current_app.json.loads(request.data)
-    except ValueError:
-        raise InvalidJson("The request body is not valid JSON.") from None
+    """The request's JSON body (None if there is none); raises InvalidJson if it is not JSON
+    we accept (``billing.http.inputs.parse_json``) and BodyTooLarge past the limit."""
+    data = request.get_data(cache=True)
+    return parse_json(data) if data else None
 
 
 def billing_error_response(exc: BillingError) -> Response:
@@ -102,6 +94,9 @@ def billing_error_response(exc: BillingError) -> Response:
 
 def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
+    if isinstance(exc, RequestEntityTooLarge) and request.max_content_length is not None:
+        # A body sent without a Content-Length, cut off by Werkzeug at the limit.
+        return billing_error_response(body_too_large(request.max_content_length))
     if exc.response is not None and exc.response.is_json:
         return cast(Response, exc.response)  # already rendered (a validation error)
     response = error_response(

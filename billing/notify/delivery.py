@@ -32,7 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
-from billing.core.db import newest_first, transaction, utcnow
+from billing.core.db import MAX_ROW_ID, newest_first, transaction, utcnow
 from billing.core.effects import mark_webhooks_pending
 from billing.core.errors import Conflict, InvalidRequest, NotFound
 from billing.notify import addresses
@@ -80,7 +80,8 @@ def deliveries(
 
 def get_delivery(session: Session, delivery_id: int) -> WebhookDelivery:
     """The delivery with that id; raises DeliveryNotFound."""
-    delivery = session.get(WebhookDelivery, delivery_id)
+    in_range = 0 < delivery_id <= MAX_ROW_ID
+    delivery = session.get(WebhookDelivery, delivery_id) if in_range else None
     if delivery is None:
         raise DeliveryNotFound(f"No webhook delivery with id {delivery_id}.", param="delivery_id")
     return delivery

@@ -107,7 +107,7 @@ def verify_event(payload: bytes, signature: str | None, settings: Settings) -> d
             "The Stripe-Signature header does not verify this body (wrong, tampered or stale).",
             param="Stripe-Signature",
         ) from None
-    except (ValueError, UnicodeDecodeError, IndexError, AttributeError, TypeError):
+    except (ValueError, UnicodeDecodeError, IndexError, AttributeError, TypeError, RecursionError):
         raise InvalidSignature(
             "The body or its Stripe-Signature header is malformed.", param="Stripe-Signature"
         ) from None

@@ -12,11 +12,12 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from billing.core.errors import InvalidRequest
 from billing.core.settings import Settings
+from billing.payments import stripe_objects as shapes
 from billing.payments.disputes import dispute_closed, dispute_created
 from billing.payments.fulfilment import fail, fulfil_checkout, fulfil_intent, locked_payment
 from billing.payments.models import Payment, PaymentStatus, Source, StripeEvent
@@ -72,15 +73,16 @@ def _checkout_async_failed(
 
 
 _Handler = Callable[[Session, dict[str, Any], Settings, dt.datetime], None]
-HANDLERS: dict[str, _Handler] = {
-    "payment_intent.succeeded": _payment_intent_succeeded,
-    "payment_intent.payment_failed": _payment_intent_failed,
-    "checkout.session.completed": _checkout_completed,
-    "checkout.session.async_payment_succeeded": _checkout_async_succeeded,
-    "checkout.session.async_payment_failed": _checkout_async_failed,
-    "charge.refunded": charge_refunded,
-    "charge.dispute.created": dispute_created,
-    "charge.dispute.closed": dispute_closed,
+# Each handled type: its handler, and the shape of the object it reads.
+HANDLERS: dict[str, tuple[_Handler, type[BaseModel]]] = {
+    "payment_intent.succeeded": (_payment_intent_succeeded, shapes.PaymentIntent),
+    "payment_intent.payment_failed": (_payment_intent_failed, shapes.PaymentIntent),
+    "checkout.session.completed": (_checkout_completed, shapes.CheckoutSession),
+    "checkout.session.async_payment_succeeded": (_checkout_async_succeeded, shapes.CheckoutSession),
+    "checkout.session.async_payment_failed": (_checkout_async_failed, shapes.CheckoutSession),
+    "charge.refunded": (charge_refunded, shapes.Charge),
+    "charge.dispute.created": (dispute_created, shapes.Dispute),
+    "charge.dispute.closed": (dispute_closed, shapes.Dispute),
 }
 
 
@@ -89,24 +91,18 @@ def handle_event(
 ) -> bool:
     """Apply a verified Stripe event once; returns False for a repeat of one already applied.
 
-    Event types we do not handle are recorded and ignored. Raises PaymentNotCredited (and any
-    failure) for an event to be retried: the caller must roll back and answer non-2xx.
+    Event types we do not handle are recorded and ignored. Raises InvalidRequest, naming the
+    field, for an event (or the object its handler reads) not shaped as Stripe sends it, and
+    PaymentNotCredited (and any failure) for an event to be retried: the caller must roll back
+    and answer non-2xx.
     """
-    event_id, event_type = event.get("id"), event.get("type")
-    data = event.get("data")
-    if (
-        not isinstance(event_id, str)
-        or not isinstance(event_type, str)
-        or not isinstance(data, dict)
-        or not isinstance(data.get("object"), dict)
-    ):
-        raise InvalidRequest("The body is not a Stripe event.")
+    handler, shape = HANDLERS.get(str(event.get("type")), (None, None))
+    shapes.check_event(event, shape)
     try:
         with session.begin_nested():
-            session.add(StripeEvent(id=event_id, type=event_type, processed_at=now))
+            session.add(StripeEvent(id=event["id"], type=event["type"], processed_at=now))
     except IntegrityError:
         return False
-    handler = HANDLERS.get(event_type)
     if handler is not None:
-        handler(session, data["object"], settings, now)
+        handler(session, event["data"]["object"], settings, now)
     return True

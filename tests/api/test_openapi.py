@@ -10,6 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from billing.core.errors import BillingError
+
 API_PREFIXES = ("/admin/v1/", "/v1/")
 
 
@@ -110,3 +112,35 @@ def test_health(client: FlaskClient) -> None:
     assert response.status_code == 200
     assert response.get_json()["status"] == "ok"
     assert response.get_json()["database"] == "ok"
+
+
+def test_every_operation_documents_the_errors_any_route_can_give(document: dict[str, Any]) -> None:
+    operations = [
+        (path, method, operation)
+        for path, methods in document["paths"].items()
+        for method, operation in methods.items()
+    ]
+    assert len(operations) >= 41
+    for path, method, operation in operations:
+        for status in ("400", "413", "503"):
+            schema = operation["responses"][status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
+
+
+def subclasses(cls: type[BillingError]) -> set[type[BillingError]]:
+    return {cls} | {found for sub in cls.__subclasses__() for found in subclasses(sub)}
+
+
+def test_every_error_type_an_answer_can_carry_is_documented(
+    app: Flask, document: dict[str, Any]
+) -> None:
+    documented = document["components"]["schemas"]["ErrorDetail"]["properties"]["type"]["enum"]
+    raised = {error.type for error in subclasses(BillingError)}
+    assert raised | {"server_error"} <= set(documented)
+    usage = document["components"]["schemas"]["UsageRejection"]["properties"]["error"]
+    assert usage == {"$ref": "#/components/schemas/ErrorDetail"}
+
+
+def test_the_usage_report_documents_its_csv_form(document: dict[str, Any]) -> None:
+    content = document["paths"]["/admin/v1/usage"]["get"]["responses"]["200"]["content"]
+    assert set(content) == {"application/json", "text/csv"}

@@ -152,7 +152,7 @@ def test_the_feed_requires_a_gateway_token(client: FlaskClient, gateway: FlaskCl
 
 
 def test_a_foreign_cursor_or_limit_is_refused(gateway: FlaskClient) -> None:
-    assert_error(gateway.get(f"{FEED}?cursor=bm90LWEtbnVtYmVy"), 400, "invalid_request", "cursor")
+    assert_error(gateway.get(f"{FEED}?cursor=bm90LWEtbnVtYmVy"), 400, "invalid_cursor", "cursor")
     assert_error(gateway.get(f"{FEED}?limit=0"), 400, "invalid_request", "limit")
     assert_error(gateway.get(f"{FEED}?limit=1001"), 400, "invalid_request", "limit")
 

@@ -19,7 +19,7 @@ from billing.payments.models import AutoRecharge
 TAGS = [Tag(name="Auto-recharge")]
 
 
-class AutoRechargeIn(BaseModel):
+class AutoRechargeIn(schemas.Body):
     """An account's auto-recharge: below `threshold_usd`, charge `amount_usd` to a saved card."""
 
     enabled: bool

@@ -19,7 +19,7 @@ from billing.http.context import authenticated, bearer_token, now, session, sett
 SECURITY: list[dict[str, list[str]]] = [{"admin": []}]
 # 429: an address over the failed-authentication limit (billing.access.failures).
 ERRORS: dict[int | str, Any] = {
-    400: schemas.ErrorOut,
+    **schemas.ANY_ROUTE_ERRORS,
     401: schemas.ErrorOut,
     404: schemas.ErrorOut,
     429: schemas.ErrorOut,

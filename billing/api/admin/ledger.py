@@ -27,7 +27,7 @@ class AdjustmentCreate(schemas.Body):
     reason: str = Field(min_length=1, max_length=500)
 
 
-class IdempotencyHeader(BaseModel):
+class IdempotencyHeader(schemas.Input):
     idempotency_key: str = Field(
         alias="Idempotency-Key",
         min_length=1,

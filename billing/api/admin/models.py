@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, BaseModel, Field, StrictInt
 from billing.api import render, schemas
 from billing.api.admin.blueprint import admin
 from billing.catalog import catalog
+from billing.catalog.usage import MAX_TOKENS
 from billing.http.context import now, session
 
 TAGS = [Tag(name="Models and prices")]
@@ -25,7 +26,7 @@ class PriceVersionCreate(schemas.Body):
     reasoning_price_per_m: schemas.PriceAmount | None = Field(
         None, description="Default: output price."
     )
-    max_output_tokens: StrictInt | None = Field(None, gt=0)
+    max_output_tokens: StrictInt | None = Field(None, gt=0, le=MAX_TOKENS)
     effective_from: AwareDatetime | None = Field(
         None, description="Default: now. RFC 3339 with a UTC offset."
     )

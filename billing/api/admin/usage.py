@@ -47,6 +47,13 @@ class UsageRow(BaseModel):
 
 
 class UsageReportOut(BaseModel):
+    """The rows as JSON, or with `format=csv` as CSV: one column per group, then the totals."""
+
+    # flask-openapi3 adds this to the answer's documented content, beside the JSON.
+    model_config = {  # type: ignore[typeddict-unknown-key]
+        "openapi_extra": {"content": {"text/csv": {"schema": {"type": "string"}}}}
+    }
+
     object: Literal["list"] = "list"
     group_by: list[str]
     data: list[UsageRow]

@@ -268,7 +268,7 @@ def test_a_bad_ledger_cursor_is_refused(admin: FlaskClient) -> None:
     response = admin.get(
         f"/admin/v1/accounts/{account_id}/ledger", query_string={"cursor": "not-ours"}
     )
-    assert_error(response, 400, "invalid_request", "cursor")
+    assert_error(response, 400, "invalid_cursor", "cursor")
 
 
 # --- the audit log -------------------------------------------------------------------------------
