@@ -21,7 +21,7 @@ from billing.api import SECURITY_SCHEMES, register
 from billing.api.hot import AuthorizeFastPath
 from billing.api.ops import instrument
 from billing.api.schemas import ErrorOut
-from billing.core.db import make_engine, make_sessionmaker
+from billing.core.db import make_engine, make_read_engine, make_sessionmaker
 from billing.core.settings import Settings
 from billing.http.errors import commit_failed
 from billing.runtime import WEBHOOKS_QUEUE, WEBHOOKS_TASK, Runtime, current_runtime
@@ -94,7 +94,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             settings.redis_url, socket_timeout=1, socket_connect_timeout=1
         )
     sessions = make_sessionmaker(engine)
-    runtime = Runtime(settings, engine, sessions, redis=client)
+    read_url = settings.sqlalchemy_read_url
+    replica = make_sessionmaker(make_read_engine(read_url)) if read_url else None
+    runtime = Runtime(settings, engine, sessions, redis=client, replica_sessions=replica)
     app.extensions["billing"] = runtime
     instrument(app)
     app.after_request(_commit_on_success)
@@ -122,9 +124,10 @@ def _commit_on_success(response: Response) -> Response:
 
 
 def _close_session(_exc: BaseException | None) -> None:
-    session: Session | None = g.pop("db_session", None)
-    if session is not None:
-        session.close()
+    for name in ("db_session", "report_session"):
+        session: Session | None = g.pop(name, None)
+        if session is not None:
+            session.close()
 
 
 def celery_init_app(app: Flask) -> Celery[Any]:
