@@ -27,8 +27,18 @@ from billing.http.errors import commit_failed
 from billing.runtime import WEBHOOKS_QUEUE, WEBHOOKS_TASK, Runtime, current_runtime
 from billing.web import init_app as init_web
 
-__all__ = ["create_app"]
+__all__ = ["MAINTENANCE_QUEUE", "MAINTENANCE_TASKS", "create_app"]
 
+
+# Beat's long or outward-calling tasks: the hourly reconciliation (minutes on a large ledger) and
+# the Stripe calls (network timeouts). On a queue of their own they never occupy a worker that
+# settlement is waiting for.
+MAINTENANCE_QUEUE = "maintenance"
+MAINTENANCE_TASKS = (
+    "workers.tasks.reconcile_ledger",
+    "workers.tasks.reconcile_stripe",
+    "workers.tasks.auto_recharge",
+)
 
 # Twenty digits in a row may be an integer beyond 64 bits, which orjson turns into a float.
 _LONG_NUMBER = re.compile(rb"[0-9]{20}")
@@ -146,10 +156,14 @@ def celery_init_app(app: Flask) -> Celery[Any]:
         result_backend=settings.redis_url,
         # Webhook delivery waits on receivers (up to WEBHOOK_TIMEOUT_SECONDS a request), so it
         # has a queue of its own, consumed by its own workers: a slow receiver never holds up
-        # settlement. A worker started without --queues consumes both.
+        # settlement, which stays on the default queue with the other short tasks. Any number
+        # of workers may consume each queue. A worker started without --queues consumes all.
         task_default_queue="celery",
-        task_queues=[Queue("celery"), Queue(WEBHOOKS_QUEUE)],
-        task_routes={WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE}},
+        task_queues=[Queue("celery"), Queue(WEBHOOKS_QUEUE), Queue(MAINTENANCE_QUEUE)],
+        task_routes={
+            WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE},
+            **{name: {"queue": MAINTENANCE_QUEUE} for name in MAINTENANCE_TASKS},
+        },
         # Embedded default: no broker, so tasks run in-process when sent.
         task_always_eager=settings.embedded,
         task_acks_late=True,
