@@ -61,13 +61,23 @@ class ReplicaPair:
         return psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True)
 
     def run(self, *command: str) -> None:
-        """A PostgreSQL program of BIN, as the user that owns the clusters."""
-        subprocess.run(
+        """A PostgreSQL program of BIN, as the user that owns the clusters; raises RuntimeError
+        with its output (and the servers' logs) if it fails."""
+        done = subprocess.run(
             [*self.as_user, str(BIN / command[0]), *command[1:]],
-            check=True,
+            check=False,
             capture_output=True,
+            text=True,
             cwd=self.directory,
         )
+        if done.returncode != 0:
+            logs = "".join(
+                f"\n--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+                for log in sorted(self.directory.glob("*.log"))
+            )
+            raise RuntimeError(
+                f"{command[0]} exited with {done.returncode}:\n{done.stdout}{done.stderr}{logs}"
+            )
 
     def pg_ctl(self, name: str, *args: str, port: int | None = None) -> None:
         options = (
@@ -142,13 +152,17 @@ class ReplicaPair:
 
 def start_replica_pair() -> ReplicaPair:
     """A new primary on a free port with an empty database ``billing``, and a hot standby of it
-    on another, streaming; raises CalledProcessError (with the program's output) on failure."""
+    on another, streaming; raises RuntimeError (with the programs' output) on failure."""
     directory = Path(tempfile.mkdtemp(prefix="billing-replica-"))
     as_user: list[str] = []
     if os.geteuid() == 0:
         shutil.chown(directory, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    pair = ReplicaPair(directory, _free_port(), _free_port(), as_user)
+    primary_port = _free_port()
+    replica_port = _free_port()
+    while replica_port == primary_port:
+        replica_port = _free_port()
+    pair = ReplicaPair(directory, primary_port, replica_port, as_user)
     try:
         pair.run(
             "initdb",
