@@ -22,7 +22,19 @@ from pathlib import Path
 
 import psycopg
 
-BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _server_programs() -> Path:
+    """PG_BIN, else the newest Debian PostgreSQL's programs (initdb is not on PATH there)."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda path: [int(part) for part in path.parent.name.split(".") if part.isdigit()],
+    )
+    return found[-1] if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = _server_programs()
 # Settings for a throwaway cluster: no fsync (nothing here must survive a crash), small memory.
 SERVER_OPTIONS = (
     "-c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
