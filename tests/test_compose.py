@@ -317,16 +317,19 @@ def test_the_compose_services_run_the_product(local: Local, receiver: Receiver) 
         assert migrate.process.returncode == 0, migrate.log_text()
         assert "loaded the default price table (3 price version(s))" in migrate.log_text()
 
-        running = {name: start(name) for name in ("api", *WORKERS, "beat")}
+        # The API first: its four workers and the others all importing at once on two busy
+        # cores can take longer than a deadline.
+        running = {"api": start("api")}
         api = Api(f"http://127.0.0.1:{api_port}", running["api"].process, running["api"].log)
         wait_until(lambda: _healthy(api, running["api"]), "the api to answer", timeout=DEADLINE)
+        running |= {name: start(name) for name in (*WORKERS, "beat")}
         nodes = {name: f"{name}@" for name in WORKERS}
         wait_until(
             lambda: _answering(celery, running, nodes), "the workers to answer", timeout=DEADLINE
         )
         # Each worker consumes only its own queue: a slow gateway or Stripe, or a long
         # reconciliation, cannot delay settlement.
-        replies = celery.control.inspect(timeout=10, limit=2).active_queues() or {}
+        replies = celery.control.inspect(timeout=10, limit=len(WORKERS)).active_queues() or {}
         consumed = {
             node.split("@")[0]: sorted(queue["name"] for queue in queues)
             for node, queues in replies.items()
