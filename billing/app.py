@@ -17,7 +17,7 @@ from billing.api import SECURITY_SCHEMES, register
 from billing.api.hot import AuthorizeFastPath
 from billing.api.ops import instrument
 from billing.api.schemas import ErrorOut
-from billing.core.db import make_engine, make_sessionmaker
+from billing.core.db import make_engine, make_read_engine, make_sessionmaker
 from billing.core.settings import Settings
 from billing.http import inputs
 from billing.http.errors import commit_failed
@@ -25,7 +25,18 @@ from billing.http.headers import SecurityHeaders
 from billing.runtime import WEBHOOKS_QUEUE, WEBHOOKS_TASK, Runtime, current_runtime
 from billing.web import init_app as init_web
 
-__all__ = ["create_app"]
+__all__ = ["MAINTENANCE_QUEUE", "MAINTENANCE_TASKS", "create_app"]
+
+
+# Beat's long or outward-calling tasks: the hourly reconciliation (minutes on a large ledger) and
+# the Stripe calls (network timeouts). On a queue of their own they never occupy a worker that
+# settlement is waiting for.
+MAINTENANCE_QUEUE = "maintenance"
+MAINTENANCE_TASKS = (
+    "workers.tasks.reconcile_ledger",
+    "workers.tasks.reconcile_stripe",
+    "workers.tasks.auto_recharge",
+)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -54,7 +65,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             settings.redis_url, socket_timeout=1, socket_connect_timeout=1
         )
     sessions = make_sessionmaker(engine)
-    runtime = Runtime(settings, engine, sessions, redis=client)
+    read_url = settings.sqlalchemy_read_url
+    replica = make_sessionmaker(make_read_engine(read_url)) if read_url else None
+    runtime = Runtime(settings, engine, sessions, redis=client, replica_sessions=replica)
     app.extensions["billing"] = runtime
     instrument(app)
     inputs.init_app(app, max_content_length=settings.max_content_length)
@@ -85,9 +98,10 @@ def _commit_on_success(response: Response) -> Response:
 
 
 def _close_session(_exc: BaseException | None) -> None:
-    session: Session | None = g.pop("db_session", None)
-    if session is not None:
-        session.close()
+    for name in ("db_session", "report_session"):
+        session: Session | None = g.pop(name, None)
+        if session is not None:
+            session.close()
 
 
 def celery_init_app(app: Flask) -> Celery[Any]:
@@ -106,10 +120,14 @@ def celery_init_app(app: Flask) -> Celery[Any]:
         result_backend=settings.redis_url,
         # Webhook delivery waits on receivers (up to WEBHOOK_TIMEOUT_SECONDS a request), so it
         # has a queue of its own, consumed by its own workers: a slow receiver never holds up
-        # settlement. A worker started without --queues consumes both.
+        # settlement, which stays on the default queue with the other short tasks. Any number
+        # of workers may consume each queue. A worker started without --queues consumes all.
         task_default_queue="celery",
-        task_queues=[Queue("celery"), Queue(WEBHOOKS_QUEUE)],
-        task_routes={WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE}},
+        task_queues=[Queue("celery"), Queue(WEBHOOKS_QUEUE), Queue(MAINTENANCE_QUEUE)],
+        task_routes={
+            WEBHOOKS_TASK: {"queue": WEBHOOKS_QUEUE},
+            **{name: {"queue": MAINTENANCE_QUEUE} for name in MAINTENANCE_TASKS},
+        },
         # Embedded default: no broker, so tasks run in-process when sent.
         task_always_eager=settings.embedded,
         task_acks_late=True,

@@ -58,6 +58,9 @@ class Runtime:
     sessions: sessionmaker[Session]
     redis: redis.Redis | None = None
     celery: Any = field(default=None, repr=False)
+    # Read-only sessions on the streaming replica (DATABASE_READ_URL), for reads that may lag
+    # (billing.http.context.report_session); None: there is none, reports read the primary.
+    replica_sessions: sessionmaker[Session] | None = None
 
     @cached_property
     def gateway_actors(self) -> ActorCache:

@@ -213,15 +213,16 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
-# The queues of billing.app's Celery config: settlement and the rest, and webhook delivery.
-QUEUES = ("celery", "webhooks")
+# The queues of billing.app's Celery config: settlement and the other short tasks, webhook
+# delivery, and beat's long or outward-calling tasks.
+QUEUES = ("celery", "webhooks", "maintenance")
 
 
 def worker_command(
     name: str, queues: tuple[str, ...] = QUEUES, *, as_in_production: bool = False
 ) -> list[str]:
     """The command line of a real Celery worker process named ``name``, consuming ``queues``
-    (by default both, as one worker must when no other consumes webhooks).
+    (by default all, as one worker must when no other consumes the others).
 
     A lean single-process worker, or ``as_in_production`` one as docker-compose.yml runs it:
     two prefork children, with gossip and mingle.

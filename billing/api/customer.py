@@ -13,7 +13,14 @@ from billing.accounts import keys
 from billing.api import render, schemas
 from billing.catalog import catalog
 from billing.core.money import NANOS_PER_CENT
-from billing.http.context import authenticated, bearer_token, now, session, settings
+from billing.http.context import (
+    authenticated,
+    bearer_token,
+    now,
+    report_session,
+    session,
+    settings,
+)
 from billing.payments import spend
 
 customer = APIBlueprint(
@@ -101,16 +108,20 @@ def billing_subscription() -> dict[str, Any]:
 @customer.get(
     "/dashboard/billing/usage",
     tags=TAGS,
-    responses={200: schemas.BillingUsageOut, 400: schemas.ErrorOut},
+    responses={200: schemas.BillingUsageOut, 400: schemas.ErrorOut, 503: schemas.ErrorOut},
 )
 def billing_usage(query: schemas.BillingUsageQuery) -> dict[str, Any]:
     """Settled usage of the key's account per UTC day and model, in US cents.
 
     The range is [start_date, end_date), at most 100 days; every day in it is listed, with one
-    line item per model used that day. `total_usage` is the exact total, rounded once.
+    line item per model used that day. `total_usage` is the exact total, rounded once. Read from
+    the replica when there is one: the last moments' usage may be missing (the subscription's
+    balance never lags).
     """
     key = authenticated_key()
-    costs = spend.daily_costs(session(), key.account_id, start=query.start_date, end=query.end_date)
+    costs = spend.daily_costs(
+        report_session(), key.account_id, start=query.start_date, end=query.end_date
+    )
     by_day: dict[dt.date, list[schemas.BillingLineItem]] = {}
     for cost in costs:
         by_day.setdefault(cost.day, []).append(

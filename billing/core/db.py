@@ -161,6 +161,23 @@ def _hide_row_values(context: ExceptionContext) -> None:
             error.args = (hidden, *error.args[1:])
 
 
+def make_read_engine(url: str) -> Engine:
+    """An engine for the PostgreSQL replica at ``url`` whose transactions are all read-only.
+
+    A hot standby refuses writes by itself; this makes the same hold when the URL names a
+    primary by mistake, so nothing can ever be written through the report sessions.
+    """
+    engine = make_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _read_only(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET default_transaction_read_only = on")
+        dbapi_connection.commit()
+
+    return engine
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)

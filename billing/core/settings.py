@@ -25,6 +25,14 @@ GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 """A command that prints a good secret (43 characters), for the messages that ask for one."""
 
 
+def _with_driver(url: str) -> str:
+    """``url`` with the driver we ship for PostgreSQL (psycopg 3) when it names none."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Names are the environment variables (case-insensitive)."""
 
@@ -35,6 +43,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="Where the embedded default keeps its files.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite in DATA_DIR."
+    )
+    database_read_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of a streaming replica of DATABASE_URL for reads that may"
+        " lag (usage reports, their CSV, the customer's usage chart); default: the primary.",
     )
     redis_url: str | None = Field(None, description="Redis URL; unset: no Redis, tasks in-process.")
     celery_broker_url: str | None = Field(
@@ -198,11 +211,21 @@ class Settings(BaseSettings):
         """The database URL in force, with the driver we ship for PostgreSQL."""
         if not self.database_url:
             return f"sqlite:///{(self.data_dir / 'billing.sqlite3').resolve()}"
-        url = self.database_url
-        for prefix in ("postgres://", "postgresql://"):
-            if url.startswith(prefix):
-                return "postgresql+psycopg://" + url[len(prefix) :]
-        return url
+        return _with_driver(self.database_url)
+
+    @property
+    def sqlalchemy_read_url(self) -> str | None:
+        """The replica's URL with our PostgreSQL driver, or None: reports read the primary."""
+        return _with_driver(self.database_read_url) if self.database_read_url else None
+
+    @model_validator(mode="after")
+    def _replica(self) -> Settings:
+        if self.database_read_url:
+            if not self.database_url:
+                raise ValueError("DATABASE_READ_URL is a replica of DATABASE_URL: set both")
+            if not _with_driver(self.database_read_url).startswith("postgresql+"):
+                raise ValueError("DATABASE_READ_URL must be a PostgreSQL URL (postgresql://...)")
+        return self
 
     @property
     def broker_url(self) -> str | None:

@@ -32,6 +32,22 @@ def session() -> Session:
     return g.db_session  # type: ignore[no-any-return]
 
 
+def report_session() -> Session:
+    """The request's session for reads that may lag behind the last write: usage reports, their
+    CSV and the customer's usage chart. On the replica when DATABASE_READ_URL is set (read-only,
+    closed at the end of the request), else the request's own session.
+
+    Money never reads it: balances, holds, the ledger, key states and anything read right after
+    the caller's own write use :func:`session`.
+    """
+    runtime = current_runtime()
+    if runtime.replica_sessions is None:
+        return session()
+    if "report_session" not in g:
+        g.report_session = runtime.replica_sessions()
+    return g.report_session  # type: ignore[no-any-return]
+
+
 def funds(account: Account) -> Funds:
     """The account's balance, open holds (in PostgreSQL and Redis) and available balance."""
     return current_runtime().funds(account)

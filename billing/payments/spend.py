@@ -78,12 +78,13 @@ def check_range(start: dt.date, end: dt.date) -> None:
 def daily_costs(
     session: Session, account_id: str, *, start: dt.date, end: dt.date
 ) -> list[DailyCost]:
-    """Settled cost per UTC day and model in [start, end), by day then model.
+    """Settled cost per UTC day and model in [start, end), by day then model, of an account
+    the caller has found (none for an unknown one); raises InvalidDateRange for a reversed or
+    too long range.
 
-    Raises AccountNotFound, and InvalidDateRange for a reversed or too long range.
+    ``session`` may be a replica's, which may not have the account yet: so no lookup here.
     """
     check_range(start, end)
-    get_account(session, account_id)
     rows = session.execute(
         select(UsageRollup.day, UsageRollup.model_id, func.sum(UsageRollup.cost_nanos))
         .where(

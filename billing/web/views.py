@@ -9,10 +9,12 @@ on the page with their HTTP status, except on the endpoints the page's scripts c
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from billing.accounts import keys
@@ -21,13 +23,15 @@ from billing.accounts.key_states import KeyState
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import MoneyFormatError, Nanos, format_dollars, parse_usd
 from billing.http import errors
-from billing.http.context import now, session, settings
+from billing.http.context import now, report_session, session, settings
 from billing.ledger import ledger
 from billing.payments import spend, top_ups
 from billing.payments.stripe_api import StripeNotConfigured
 from billing.runtime import current_runtime
 from billing.web import access
-from billing.web.chart import legend_colour, usage_chart
+from billing.web.chart import UsageChart, legend_colour, usage_chart
+
+log = logging.getLogger(__name__)
 
 web = Blueprint(
     "web",
@@ -206,6 +210,27 @@ def _amount_from_form() -> Nanos:
     return amount
 
 
+def _usage_chart(account_id: str, *, today: dt.date) -> UsageChart | None:
+    """The account's usage of the last CHART_DAYS days up to ``today``; None when the replica
+    it is read from is out of reach (the rest of the page reads the primary and still shows).
+
+    The chart may lag on a replica; the amounts, keys and ledger beside it read the primary, so
+    a payment just made shows at once.
+    """
+    first_day = today - dt.timedelta(days=CHART_DAYS - 1)
+    reader = report_session()
+    try:
+        costs = spend.daily_costs(
+            reader, account_id, start=first_day, end=today + dt.timedelta(days=1)
+        )
+    except OperationalError:
+        if reader is session():  # the primary itself: nothing on the page can be shown
+            raise
+        log.warning("replica unavailable: the usage chart is left out", exc_info=True)
+        return None
+    return usage_chart(costs, first_day=first_day, days=CHART_DAYS)
+
+
 def _account_page(signed: access.SignIn, *, error: str | None = None) -> str:
     db, moment = session(), now()
     account = get_account(db, signed.account_id)
@@ -215,10 +240,7 @@ def _account_page(signed: access.SignIn, *, error: str | None = None) -> str:
             payment = top_ups.get_payment(db, account_id=account.id, payment_id=payment_id)
         except top_ups.PaymentNotFound:
             payment = None
-    today = moment.astimezone(dt.UTC).date()
-    first_day = today - dt.timedelta(days=CHART_DAYS - 1)
-    costs = spend.daily_costs(db, account.id, start=first_day, end=today + dt.timedelta(days=1))
-    chart = usage_chart(costs, first_day=first_day, days=CHART_DAYS)
+    chart = _usage_chart(account.id, today=moment.astimezone(dt.UTC).date())
     account_keys = [(key, key.state_at(moment)) for key in keys.list_keys(db, account.id)]
     return render_template(
         "billing/account.html",
@@ -227,7 +249,9 @@ def _account_page(signed: access.SignIn, *, error: str | None = None) -> str:
         keys=account_keys,
         state_labels=STATE_LABELS,
         chart=chart,
-        legend=[(model, legend_colour(chart.table.models, model)) for model in chart.table.models],
+        legend=[]
+        if chart is None
+        else [(model, legend_colour(chart.table.models, model)) for model in chart.table.models],
         entries=ledger.entries(db, account.id, before=None, limit=LEDGER_ROWS),
         presets=settings().topup_presets,
         topup_min=settings().topup_min,

@@ -14,6 +14,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import Engine
 
+from billing.app import MAINTENANCE_QUEUE, MAINTENANCE_TASKS
 from billing.runtime import SETTLE_TASK, WEBHOOKS_QUEUE, WEBHOOKS_TASK
 from tests.reliability.conftest import Api, Workers, recent, usage_event, wait_until
 from tests.reliability.support import assert_settled_exactly_once, ingest, wait_settled
@@ -63,13 +64,18 @@ def hanging_receiver() -> Iterator[HangingReceiver]:
 
 def test_webhook_delivery_is_routed_to_its_own_queue(celery_client: Celery) -> None:
     """The trigger, beat's entry and any other sender of deliver_webhooks reach `webhooks`;
-    everything else stays on the default queue."""
+    beat's maintenance tasks reach `maintenance`; everything else stays on the default queue."""
     router = celery_client.amqp.router
     assert router.route({}, WEBHOOKS_TASK)["queue"].name == WEBHOOKS_QUEUE
     assert router.route({}, SETTLE_TASK)["queue"].name == "celery"
+    scheduled = {entry["task"] for entry in celery_client.conf.beat_schedule.values()}
+    assert set(MAINTENANCE_TASKS) <= scheduled  # a renamed task would fall back to `celery`
     for entry in celery_client.conf.beat_schedule.values():
         queue = router.route(dict(entry.get("options", {})), entry["task"])["queue"].name
-        assert queue == (WEBHOOKS_QUEUE if entry["task"] == WEBHOOKS_TASK else "celery")
+        expected = {WEBHOOKS_TASK: WEBHOOKS_QUEUE} | dict.fromkeys(
+            MAINTENANCE_TASKS, MAINTENANCE_QUEUE
+        )
+        assert queue == expected.get(entry["task"], "celery"), entry["task"]
 
 
 def test_a_hanging_receiver_does_not_delay_settlement(

@@ -13,9 +13,10 @@ from pydantic import BaseModel, Field
 
 from billing.accounts import rollups
 from billing.api.admin.blueprint import admin
+from billing.api.schemas import ErrorOut
 from billing.catalog.pricing import breakdown_usd
 from billing.core.money import format_usd
-from billing.http.context import session
+from billing.http.context import report_session, session
 from billing.metering import settlement, usage_events
 from billing.metering.settlement import UnpricedModel
 from billing.metering.usage_events import UsageEvent
@@ -164,15 +165,17 @@ def usage_event(row: UsageEvent) -> UsageEventOut:
     )
 
 
-@admin.get("/usage", tags=TAGS, responses={200: UsageReportOut})
+@admin.get("/usage", tags=TAGS, responses={200: UsageReportOut, 503: ErrorOut})
 def usage_report(query: UsageQueryIn) -> dict[str, Any] | Response:
     """Settled usage totals with filters, grouped by day, model, key and/or account.
 
-    `format=csv` answers the same rows as CSV.
+    `format=csv` answers the same rows as CSV. Read from the replica when there is one
+    (DATABASE_READ_URL): usage settled in the last moments may be missing; a 503 while the
+    replica is out of reach.
     """
     group_by = tuple(part.strip() for part in query.group_by.split(",") if part.strip())
     rows = rollups.report(
-        session(),
+        report_session(),
         rollups.UsageQuery(
             account_id=query.account_id,
             key_id=query.key_id,
