@@ -1,5 +1,5 @@
-"""``POST /gateway/v1/authorize`` on the hot path: answered in front of Flask when memory and
-Redis can answer it, which they nearly always can.
+"""``POST /gateway/v1/authorize`` and ``POST /gateway/v1/keys/verify`` on the hot path:
+answered in front of Flask when memory and Redis can answer them, which they nearly always can.
 
 The gateway calls authorize before every request it forwards, so its cost is added to every
 model call. Flask's request machinery (contexts, hooks, the OpenAPI wrapper) costs more than
@@ -23,7 +23,7 @@ import orjson
 from pydantic import ValidationError
 
 from billing.access.auth import Role
-from billing.api.gateway import ALLOWED, AuthorizeIn, authorized
+from billing.api.gateway import ALLOWED, AuthorizeIn, VerifyIn, authorized, key_verified
 from billing.core import metrics
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
@@ -36,25 +36,25 @@ if TYPE_CHECKING:
     from billing.runtime import Runtime
 
 PATH = "/gateway/v1/authorize"
+VERIFY_PATH = "/gateway/v1/keys/verify"
 
 
 class AuthorizeFastPath:
-    """WSGI middleware answering authorize from memory and Redis, else passing it on."""
+    """WSGI middleware answering authorize and verify from memory and Redis, else passing them
+    on."""
 
     def __init__(self, app: WSGIApplication, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != PATH or environ.get("REQUEST_METHOD") != "POST":
+        path = environ.get("PATH_INFO")
+        if path not in (PATH, VERIFY_PATH) or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
+        if path == VERIFY_PATH:
+            return self._verify(environ, start_response)
         started = time.perf_counter()
-        answer = None
-        if self.runtime.hotpath is not None:
-            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-            answer = self._answer(environ, body)
-            if answer is None:
-                environ["wsgi.input"] = io.BytesIO(body)
+        answer = self._fast(environ, verify=False)
         if answer is None:
             # The Flask route counts its decision; its time is counted here, whole.
             response = self.app(environ, start_response)
@@ -64,20 +64,30 @@ class AuthorizeFastPath:
         metrics.count_authorize(
             status, document["error"]["code"] if status != 200 else ALLOWED, path="fast"
         )
-        payload = orjson.dumps(document) + b"\n"
-        start_response(
-            f"{status} {HTTPStatus(status).phrase}",
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(payload))),
-                *headers,
-            ],
-        )
+        response = _respond(start_response, status, document, headers)
         metrics.AUTHORIZE_FAST_SECONDS.observe(time.perf_counter() - started)
-        return [payload]
+        return response
+
+    def _verify(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        answer = self._fast(environ, verify=True)
+        if answer is None:
+            return self.app(environ, start_response)
+        return _respond(start_response, *answer)
+
+    def _fast(
+        self, environ: WSGIEnvironment, *, verify: bool
+    ) -> tuple[int, dict[str, Any], list[tuple[str, str]]] | None:
+        """The answer from memory and Redis, or None with the body left for the Flask route."""
+        if self.runtime.hotpath is None:
+            return None
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        answer = self._answer(environ, body, verify=verify)
+        if answer is None:
+            environ["wsgi.input"] = io.BytesIO(body)
+        return answer
 
     def _answer(
-        self, environ: WSGIEnvironment, body: bytes
+        self, environ: WSGIEnvironment, body: bytes, *, verify: bool
     ) -> tuple[int, dict[str, Any], list[tuple[str, str]]] | None:
         runtime = self.runtime
         scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
@@ -87,6 +97,9 @@ class AuthorizeFastPath:
         ):
             return None
         try:
+            if verify:
+                api_key = VerifyIn.model_validate_json(body).api_key
+                return 200, key_verified(runtime.authorizer.verify(None, api_key, now=utcnow())), []
             request = AuthorizeIn.model_validate_json(body).request()
             result = runtime.authorizer.authorize(None, request, now=utcnow())
         except (ValidationError, NeedsDatabase):
@@ -96,3 +109,17 @@ class AuthorizeFastPath:
             document = error_document(exc.message, code=exc.code, type_=exc.type, param=exc.param)
             return exc.status, document, headers
         return 200, authorized(result), []
+
+
+def _respond(
+    start_response: StartResponse,
+    status: int,
+    document: dict[str, Any],
+    headers: list[tuple[str, str]],
+) -> list[bytes]:
+    payload = orjson.dumps(document) + b"\n"
+    start_response(
+        f"{status} {HTTPStatus(status).phrase}",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *headers],
+    )
+    return [payload]

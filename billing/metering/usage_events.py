@@ -5,7 +5,8 @@ Invariants:
   replies 202) and is never lost: settlement only ever changes its status, never deletes it.
 - ``request_id`` is the idempotency key (a unique index). A repeat with the same content is a
   duplicate; the same request id with other content is refused as a conflict. Content is what
-  the gateway reported, so a retry that omits ``occurred_at`` is still the same event.
+  the gateway reported, so a retry that omits ``occurred_at`` is still the same event. A
+  request id whose open authorize hold belongs to another key is refused as a conflict too.
 - One bad item never sinks the good ones of its batch: each is judged on its own.
 - Usage of a known key is accepted whatever the key's state now: the tokens were spent upstream
   (a key revoked after its request began is still charged).
@@ -17,7 +18,7 @@ import datetime as dt
 import enum
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -196,11 +197,13 @@ def ingest(
     hmac_key: bytes,
     max_age: dt.timedelta,
     now: dt.datetime,
+    hold_keys: Callable[[list[str]], Mapping[str, str]] | None = None,
 ) -> IngestResult:
     """Validate and durably store reported events; the caller commits before answering.
 
     ``prefix_items`` names fields as ``events[i].field`` (a batch) rather than ``field``; an
-    ``occurred_at`` older than ``max_age`` is refused.
+    ``occurred_at`` older than ``max_age`` is refused; ``hold_keys`` gives the key of each
+    request id that has an open authorize hold.
     """
     result = IngestResult()
     drafts: list[Draft] = []
@@ -214,6 +217,7 @@ def ingest(
                 Rejection(index, request_id if isinstance(request_id, str) else None, error)
             )
     owners = _resolve_keys(session, drafts, hmac_key)
+    holders = hold_keys([draft.request_id for draft in drafts]) if hold_keys and drafts else {}
     rows: dict[str, dict[str, Any]] = {}
     indexes: dict[str, int] = {}
     for draft in drafts:
@@ -225,6 +229,15 @@ def ingest(
             result.rejected.append(Rejection(draft.index, draft.request_id, unknown))
             continue
         key_id, account_id = owner
+        if holders.get(draft.request_id, key_id) != key_id:
+            param = f"events[{draft.index}].request_id" if prefix_items else "request_id"
+            held = RequestIdConflict(
+                f"{param} {draft.request_id!r} is held by another key's authorize; request"
+                " ids are minted by the gateway, one per upstream request.",
+                param=param,
+            )
+            result.rejected.append(Rejection(draft.index, draft.request_id, held))
+            continue
         content_hash = _content_hash(draft, key_id)
         earlier = rows.get(draft.request_id)
         if earlier is not None:

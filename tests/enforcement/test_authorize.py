@@ -108,8 +108,11 @@ def test_a_hold_that_does_not_fit_the_available_balance_is_refused_with_402(edge
     key = new_key(edge.admin, account_id, rate_limit=UNLIMITED)
     # 20,000 output tokens hold 0.0398: one fits, a second does not (0.0102 left).
     assert authorize(edge, key["key"], max_output_tokens=20_000).status_code == 200
-    refused = authorize(edge, key["key"], max_output_tokens=20_000)
-    assert_error(refused, 402, "insufficient_balance")
+    refused = authorize(edge, key["key"], max_output_tokens=20_000, clip=False)
+    error = assert_error(refused, 402, "hold_exceeds_available", "max_output_tokens")
+    # 0.0102 affords 5125 output tokens at $1.99 per million (5126 would hold 0.01020074).
+    assert "at most 5125 output tokens" in error["message"]
+    assert "Retry-After" not in refused.headers
     # A smaller request still fits, and the refusal changed nothing: the key stays active.
     assert authorize(edge, key["key"], max_output_tokens=5_000).status_code == 200
     assert edge.admin.get(f"/admin/v1/keys/{key['id']}").get_json()["state"] == "active"
@@ -271,7 +274,7 @@ def test_a_request_refused_for_another_reason_does_not_consume_the_rate_limit(
     refusals: dict[str, dict[str, Any]] = {
         "unknown model": {"model": "no-such-model"},
         "model not allowed": {"model": "doubao-seed-2-0-mini"},
-        "hold too large": {"max_output_tokens": 10_000_000},
+        "hold too large": {"max_output_tokens": 10_000_000, "clip": False},
     }
     assert authorize(edge, key["key"], **refusals[refusal]).status_code in (400, 402, 403)
     assert authorize(edge, key["key"], max_output_tokens=100).status_code == 200
@@ -353,7 +356,8 @@ def redis_down(edge: Edge, when_down: str) -> None:
         return
     assert first.status_code == 200
     # Holds and limits still hold: the balance, then the rate limit (in this process).
-    assert_error(authorize(edge, key["key"], max_output_tokens=20_000), 402, "insufficient_balance")
+    refused = authorize(edge, key["key"], max_output_tokens=20_000, clip=False)
+    assert_error(refused, 402, "hold_exceeds_available")
     assert_error(authorize(edge, key["key"], max_output_tokens=1_000), 429, "rate_limit_exceeded")
     assert account_amounts(edge, account_id)[1] == worst_case(0, 20_000)
 
@@ -384,11 +388,11 @@ def test_a_normal_authorize_does_not_touch_postgresql(redis_app: Flask, db: Sess
         event.listen(edge.runtime.engine, "before_cursor_execute", count)
         try:
             allowed = authorize(edge, key["key"], max_output_tokens=100)
-            refused = authorize(edge, key["key"], max_output_tokens=10**8)
+            refused = authorize(edge, key["key"], max_output_tokens=10**8, clip=False)
         finally:
             event.remove(edge.runtime.engine, "before_cursor_execute", count)
         assert allowed.status_code == 200
-        assert_error(refused, 402, "insufficient_balance")
+        assert_error(refused, 402, "hold_exceeds_available")
         assert statements == []
 
 

@@ -15,16 +15,13 @@ from billing.http.context import now, session, settings
 from billing.notify import delivery, endpoints
 from billing.notify.models import (
     DeliveryStatus,
+    EventType,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
-    message_id,
 )
 
 TAGS = [Tag(name="Webhooks")]
-
-
-WebhookEventType = Literal["key.state_changed", "account.balance_low", "account.balance_depleted"]
 
 
 class WebhookEndpointCreate(schemas.Body):
@@ -34,7 +31,7 @@ class WebhookEndpointCreate(schemas.Body):
         description="An http:// or https:// URL; each request to it is signed (Standard Webhooks).",
         examples=["https://gateway.example.com/billing-webhooks"],
     )
-    event_types: list[WebhookEventType] | None = Field(
+    event_types: list[EventType] | None = Field(
         None, description="The event types to receive; omitted or null: all of them."
     )
 
@@ -122,7 +119,7 @@ def webhook_endpoint_with_secret(row: WebhookEndpoint, secret: str) -> WebhookEn
 def webhook_delivery(row: WebhookDelivery) -> WebhookDeliveryOut:
     return WebhookDeliveryOut(
         id=row.id,
-        event_id=message_id(row.event_id),
+        event_id=row.event.message_id,
         event_type=row.event.type,
         endpoint_id=row.endpoint_id,
         status=row.status,
@@ -143,7 +140,7 @@ def webhook_delivery_detail(
     return WebhookDeliveryDetail(
         **webhook_delivery(row).model_dump(),
         event=WebhookEventOut(
-            id=message_id(event.id),
+            id=event.message_id,
             type=event.type,
             data=event.payload,
             created_at=event.created_at,
