@@ -128,7 +128,7 @@ class AuthorizeOut(BaseModel):
         " as max_tokens / max_output_tokens."
     )
     clipped: bool = Field(description="The hold covers fewer output tokens than asked for.")
-    state: Literal["active"] = "active"
+    state: Literal["active"] = Field(description="Always active: any other state is refused.")
     rate_limit: RateLimitOut | None = Field(
         description="The rate limit after this request; null: the key has none."
     )

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -145,6 +146,13 @@ def _clamped(nanos: int) -> str:
     return str(max(-mirror.EXACT_LIMIT, min(nanos, mirror.EXACT_LIMIT)))
 
 
+class _Returned:
+    """Gives ``connection`` back to ``pool`` when collected (with its thread's locals)."""
+
+    def __init__(self, pool: redis.ConnectionPool, connection: Any) -> None:
+        weakref.finalize(self, pool.release, connection)
+
+
 class HotPath:
     """The Redis side of authorize for one Redis server."""
 
@@ -162,7 +170,11 @@ class HotPath:
         retry machinery cost about as much CPU as the script itself, once per authorize."""
         connection = getattr(self._own, "connection", None)
         if connection is None:
-            connection = self._own.connection = self.client.connection_pool.get_connection()
+            pool = self.client.connection_pool
+            connection = self._own.connection = pool.get_connection()
+            # Given back when the thread ends (its locals go): threads that come and go (a
+            # server's per-request threads, a pool's) would otherwise use the pool up.
+            self._own.returned = _Returned(pool, connection)
         try:
             try:
                 connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -24,51 +24,19 @@ from billing.core.ids import keyed_hash
 from billing.enforcement.authorize import seconds_to_next_month
 from tests.conftest import SECRET_KEY, make_settings
 from tests.enforcement.conftest import Edge, joined
-from tests.enforcement.support import new_account, rid
+from tests.enforcement.support import (
+    LITE,
+    LITE_MAX_OUTPUT,
+    UNLIMITED,
+    account_amounts,
+    authorize,
+    new_account,
+    report,
+    rid,
+    suspend,
+    worst_case,
+)
 from tests.support import assert_error, new_key
-
-# Seed prices (billing/data/prices.json, from the reseller's price list), USD per million tokens.
-LITE = "doubao-seed-2-0-lite"
-LITE_INPUT, LITE_OUTPUT = Decimal("0.39"), Decimal("1.99")
-LITE_MAX_OUTPUT = 32768
-MILLION = Decimal(1_000_000)
-UNLIMITED = "1000 per second"
-
-
-def worst_case(input_tokens: int, output_tokens: int) -> Decimal:
-    return (input_tokens * LITE_INPUT + output_tokens * LITE_OUTPUT) / MILLION
-
-
-def authorize(edge: Edge, key: str, **fields: Any) -> Any:
-    body = {"api_key": key, "model": LITE, "request_id": rid(), **fields}
-    return edge.gateway.post("/gateway/v1/authorize", json=body)
-
-
-def account_amounts(edge: Edge, account_id: str) -> tuple[Decimal, Decimal, Decimal]:
-    body = edge.admin.get(f"/admin/v1/accounts/{account_id}").get_json()
-    return (
-        Decimal(body["balance_usd"]),
-        Decimal(body["held_usd"]),
-        Decimal(body["available_usd"]),
-    )
-
-
-def report(edge: Edge, key: str, request_id: str, **counts: Any) -> None:
-    response = edge.gateway.post(
-        "/gateway/v1/usage",
-        json={"request_id": request_id, "api_key": key, "model": LITE, **counts},
-    )
-    assert response.status_code == 202, response.get_json()
-    edge.runtime.settle_pending()
-
-
-def suspend(edge: Edge, key: str) -> None:
-    for _ in range(3):
-        response = edge.gateway.post(
-            "/gateway/v1/violations",
-            json={"request_id": rid(), "api_key": key, "category": "violence"},
-        )
-        assert response.status_code == 202
 
 
 def test_allows_and_holds_the_worst_case_cost(edge: Edge) -> None:
@@ -385,13 +353,16 @@ def test_a_normal_authorize_does_not_touch_postgresql(redis_app: Flask, db: Sess
         def count(*args: Any) -> None:
             statements.append(args[2])
 
-        event.listen(edge.runtime.engine, "before_cursor_execute", count)
+        engine = db.get_bind().engine  # where the requests' sessions run (see joined)
+        event.listen(engine, "before_cursor_execute", count)
         try:
             allowed = authorize(edge, key["key"], max_output_tokens=100)
+            clipped = authorize(edge, key["key"], max_output_tokens=10**7)
             refused = authorize(edge, key["key"], max_output_tokens=10**8, clip=False)
         finally:
-            event.remove(edge.runtime.engine, "before_cursor_execute", count)
+            event.remove(engine, "before_cursor_execute", count)
         assert allowed.status_code == 200
+        assert clipped.get_json()["clipped"] is True
         assert_error(refused, 402, "hold_exceeds_available")
         assert statements == []
 

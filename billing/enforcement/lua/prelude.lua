@@ -7,8 +7,9 @@ local function release(rid, status)
   if hold then
     local account, key, amount, hold_id = string.match(hold, '^(%S+) (%S+) (%S+) (%S+)')
     local name = 'billing:acct:' .. account
-    redis.call('HINCRBY', name, 'held', -tonumber(amount))
-    redis.call('HINCRBY', name, 'kheld:' .. key, -tonumber(amount))
+    -- 0 - x, not -x: a free hold's -0 would reach Redis as "-0", which is not an integer.
+    redis.call('HINCRBY', name, 'held', 0 - tonumber(amount))
+    redis.call('HINCRBY', name, 'kheld:' .. key, 0 - tonumber(amount))
     redis.call('HDEL', KEYS[1], rid)
     redis.call('SET', 'billing:hid:' .. hold_id, status .. ' ' .. rid, 'XX', 'KEEPTTL')
   end
