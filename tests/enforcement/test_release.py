@@ -50,7 +50,7 @@ def test_a_released_hold_frees_its_amount_for_the_next_request(edge: Edge) -> No
         "status": "released",
         "released_usd": held["hold_usd"],
     }
-    assert account_amounts(edge, account_id) == (Decimal("0.05"), 0, Decimal("0.05"))
+    assert account_amounts(edge, account_id) == (Decimal("0.05"), Decimal(0), Decimal("0.05"))
     # Authorize sees the amount back at once (on Redis: its copy of the holds).
     again = authorize(edge, key["key"], max_output_tokens=20_000, clip=False)
     assert again.status_code == 200
@@ -69,7 +69,7 @@ def test_releasing_again_changes_nothing(edge: Edge) -> None:
             "released",
             "0.000000000",
         )
-    assert account_amounts(edge, account_id) == (Decimal(1), 0, Decimal(1))
+    assert account_amounts(edge, account_id) == (Decimal(1), Decimal(0), Decimal(1))
 
 
 def test_usage_reported_after_a_release_settles_at_its_real_cost(edge: Edge) -> None:
@@ -81,7 +81,7 @@ def test_usage_reported_after_a_release_settles_at_its_real_cost(edge: Edge) -> 
     # The upstream did answer after all: what it used is charged, in full.
     report(edge, key["key"], request_id, input_tokens=500, output_tokens=3000)
     cost = worst_case(500, 3000)
-    assert account_amounts(edge, account_id) == (1 - cost, 0, 1 - cost)
+    assert account_amounts(edge, account_id) == (1 - cost, Decimal(0), 1 - cost)
     status = release(edge, held.get_json()["hold_id"]).get_json()["status"]
     assert status == "released"  # what this hold became: released before its usage came
 
@@ -95,7 +95,7 @@ def test_a_settled_hold_answers_settled(edge: Edge) -> None:
     answer = release(edge, held["hold_id"]).get_json()
     assert (answer["status"], answer["released_usd"]) == ("settled", "0.000000000")
     cost = worst_case(10, 20)
-    assert account_amounts(edge, account_id) == (1 - cost, 0, 1 - cost)
+    assert account_amounts(edge, account_id) == (1 - cost, Decimal(0), 1 - cost)
 
 
 def test_an_expired_hold_answers_expired(edge: Edge) -> None:

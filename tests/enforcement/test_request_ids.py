@@ -127,4 +127,4 @@ def test_usage_under_another_keys_hold_is_rejected_in_its_item(edge: Edge) -> No
     assert own.status_code == 202 and own.get_json()["accepted"] == 1
     edge.runtime.settle_pending()
     balance, held_now, _ = account_amounts(edge, account_id)
-    assert (balance, held_now) == (10 - worst_case(50, 60), 0)
+    assert (balance, held_now) == (10 - worst_case(50, 60), Decimal(0))
