@@ -23,7 +23,8 @@ import orjson
 from pydantic import ValidationError
 
 from billing.access.auth import Role
-from billing.api.gateway import ALLOWED, AuthorizeIn, VerifyIn, authorized, key_verified
+from billing.api.gateway import ALLOWED, AuthorizeIn, authorized
+from billing.api.gateway_keys import VerifyIn, key_verified
 from billing.core import metrics
 from billing.core.db import utcnow
 from billing.core.errors import BillingError
