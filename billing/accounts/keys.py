@@ -231,37 +231,35 @@ def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.da
     if key.state == new:
         return False
     created = key.state is None  # a new key, not yet flushed: its first event
-    sequence = 1 if created else _next_sequence(session, key)
     if created:
-        key.event_sequence = sequence
-    change = KeyStateChange(
-        key_id=key.id,
-        old_state=key.state,
-        new_state=new,
-        reason=reason,
-        sequence=sequence,
-        created_at=now,
-    )
-    session.add(change)
-    announced = outbox.KeyEvent(
-        key_id=key.id,
-        account_id=key.account_id,
-        state=new,
-        http_status=ENFORCEMENT[new].http_status,
-        code=ENFORCEMENT[new].code,
-        sequence=sequence,
-    )
-    if created:
-        outbox.announce_key_created(session, announced, now=now)
+        key.event_sequence = 1
     else:
-        outbox.announce_key_state(session, announced, old_state=key.state, reason=reason, now=now)
+        _next_sequence(session, key)
+    sequence, enforcement = key.event_sequence, ENFORCEMENT[new]
+    session.add(
+        KeyStateChange(
+            key_id=key.id,
+            old_state=key.state,
+            new_state=new,
+            reason=reason,
+            sequence=sequence,
+            created_at=now,
+        )
+    )
+    event = outbox.KeyEvent(
+        key.id, key.account_id, new, enforcement.http_status, enforcement.code, sequence
+    )
+    if created:
+        outbox.announce_key_created(session, event, now=now)
+    else:
+        outbox.announce_key_state(session, event, old_state=key.state, reason=reason, now=now)
     key.state = new
     mark_state_changed(session, key.id, new)
     return True
 
 
-def _next_sequence(session: Session, key: ApiKey) -> int:
-    """The key's next event sequence, taken by an in-place increment (see the invariants)."""
+def _next_sequence(session: Session, key: ApiKey) -> None:
+    """Move the key to its next event sequence by an in-place increment (see the invariants)."""
     sequence: int = session.execute(
         update(ApiKey)
         .where(ApiKey.id == key.id)
@@ -270,7 +268,6 @@ def _next_sequence(session: Session, key: ApiKey) -> int:
         .execution_options(synchronize_session=False)
     ).scalar_one()
     set_committed_value(key, "event_sequence", sequence)
-    return sequence
 
 
 def refresh_keys_of(
