@@ -10,10 +10,11 @@ command line, a Celery worker for the overdraft phase, and ``wrk`` as the load g
    after a warm-up, so both see the same machine; the ratio of each round and their median are
    reported. Targets: throughput at least 0.7 of the bare endpoint's, p99 at most 1.3 times.
 2. Overdraft: ``--loops`` threads each authorize, then report usage for what the request "used"
-   (a random share of its output allowance, sometimes more than it allowed: an overrun), until
-   authorize refuses, against one account holding $0.05. Reported: requests allowed, the final
-   balance (checked against the exact sum of what was charged), the overdraft and the largest
-   single overrun beyond a hold. Target: overdraft no more than that largest overrun.
+   (a random share of the output tokens its hold covers, sometimes more: an overrun), until
+   authorize refuses, against one account holding $0.05; once all or nothing (``clip: false``)
+   and once with holds clipped to what is available. Reported: requests allowed (and clipped),
+   the final balance (checked against the exact sum of what was charged), the overdraft and the
+   largest single overrun beyond a hold. Target: overdraft no more than that largest overrun.
 
 The results replace the ``authorize`` section of BENCHMARKS.md. Every process started here is
 stopped at the end, whatever happens.
@@ -244,7 +245,9 @@ def throughput_phase(
 
 @dataclass
 class Overdraft:
+    clip: bool
     allowed: int
+    clipped: int
     refused: int
     final_balance: Decimal
     charged: Decimal
@@ -252,14 +255,15 @@ class Overdraft:
     held_after: Decimal
 
 
-def overdraft_phase(config: Config, api: Api) -> Overdraft:
+def overdraft_phase(config: Config, api: Api, *, clip: bool) -> Overdraft:
     account_id = api.account("0.05")
     key = api.key(account_id, "100000 per minute")
-    max_output = 2_000  # each hold: 200 input + 2000 output tokens = $0.004058
+    max_output = 2_000  # a whole hold: 200 input + 2000 output tokens = $0.004058
     lock = threading.Lock()
     costs: list[Decimal] = []
     overruns: list[Decimal] = []
     refusals = [0]
+    clipped = [0]
 
     def loop(seed: int) -> None:
         rng = random.Random(seed)  # noqa: S311 - synthetic usage
@@ -276,6 +280,7 @@ def overdraft_phase(config: Config, api: Api) -> Overdraft:
                         "request_id": request_id,
                         "input_tokens": 200,
                         "max_output_tokens": max_output,
+                        "clip": clip,
                     },
                     headers=headers,
                     timeout=30,
@@ -292,9 +297,11 @@ def overdraft_phase(config: Config, api: Api) -> Overdraft:
                     continue
                 answer.raise_for_status()
                 refused_in_a_row = 0
-                hold = Decimal(answer.json()["hold_usd"])
-                # Most requests use part of their allowance; some run past it.
-                output = rng.randint(max_output // 4, max_output * 11 // 10)
+                granted = answer.json()
+                hold = Decimal(granted["hold_usd"])
+                # Most requests use part of the output their hold covers; some run past it.
+                allowance = granted["max_output_tokens"]
+                output = rng.randint(allowance // 4, allowance * 11 // 10)
                 cost = 200 * INPUT_PRICE + output * OUTPUT_PRICE
                 usage = http.post(
                     f"{api.base}/gateway/v1/usage",
@@ -312,6 +319,7 @@ def overdraft_phase(config: Config, api: Api) -> Overdraft:
                 with lock:
                     costs.append(cost)
                     overruns.append(cost - hold)
+                    clipped[0] += granted["clipped"]
 
     with ThreadPoolExecutor(config.loops) as pool:
         list(pool.map(loop, range(config.loops)))
@@ -322,7 +330,9 @@ def overdraft_phase(config: Config, api: Api) -> Overdraft:
             break
         time.sleep(0.2)
     return Overdraft(
+        clip=clip,
         allowed=len(costs),
+        clipped=clipped[0],
         refused=refusals[0],
         final_balance=Decimal(account["balance_usd"]),
         charged=sum(costs, Decimal(0)),
@@ -332,7 +342,7 @@ def overdraft_phase(config: Config, api: Api) -> Overdraft:
 
 
 def render(
-    config: Config, rounds: list[tuple[dict[str, Any], dict[str, Any]]], od: Overdraft
+    config: Config, rounds: list[tuple[dict[str, Any], dict[str, Any]]], runs: list[Overdraft]
 ) -> str:
     ratios = [hot["rps"] / plain["rps"] for plain, hot in rounds]
     p99s = [hot["p99_ms"] / plain["p99_ms"] for plain, hot in rounds]
@@ -366,22 +376,29 @@ def render(
         "",
         f"### Overdraft: {config.loops} concurrent authorize-then-usage loops on $0.05",
         "",
-        "Each loop authorizes (200 input, 2,000 max output tokens: a hold of $0.004058), reports"
-        " usage of 500 to 2,200 output tokens (so some requests overrun their hold), and retries a"
-        f" 402 every 20 ms until it has been refused {GIVE_UP_AFTER} times in a row. A Celery"
-        " worker settles the usage as it arrives, releasing the holds.",
+        "Each loop authorizes (200 input, 2,000 max output tokens: a whole hold of $0.004058),"
+        " reports usage of a quarter to 110% of the output tokens its hold covers (so some"
+        " requests overrun their hold), and retries a 402 every 20 ms until it has been refused"
+        f" {GIVE_UP_AFTER} times in a row. A Celery worker settles the usage as it arrives,"
+        " releasing the holds. All or nothing asks `clip: false`; clipped holds are granted the"
+        " most output tokens the available balance affords, down to HOLD_MIN_OUTPUT_TOKENS.",
         "",
-        "| requests allowed | refused (402) | charged | final balance | overdraft |"
-        " largest single overrun | held after settlement |",
-        "|---|---|---|---|---|---|---|",
-        f"| {od.allowed} | {od.refused} | ${od.charged:.9f} | ${od.final_balance:.9f}"
-        f" | ${max(-od.final_balance, Decimal(0)):.9f} | ${od.largest_overrun:.9f}"
-        f" | ${od.held_after:.9f} |",
+        "| holds | requests allowed | of which clipped | refused (402) | charged | final balance"
+        " | overdraft | largest single overrun | held after settlement | exact | bounded |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for od in runs:
+        lines.append(
+            f"| {'clipped' if od.clip else 'all or nothing'} | {od.allowed} | {od.clipped}"
+            f" | {od.refused} | ${od.charged:.9f} | ${od.final_balance:.9f}"
+            f" | ${max(-od.final_balance, Decimal(0)):.9f} | ${od.largest_overrun:.9f}"
+            f" | ${od.held_after:.9f} | {mark(od.final_balance == Decimal('0.05') - od.charged)}"
+            f" | {mark(-od.final_balance <= max(od.largest_overrun, Decimal(0)))} |"
+        )
+    lines += [
         "",
-        "Final balance = $0.05 - charged, exactly:"
-        f" {mark(od.final_balance == Decimal('0.05') - od.charged)}."
-        f" Overdraft <= largest single overrun:"
-        f" {mark(-od.final_balance <= max(od.largest_overrun, Decimal(0)))}.",
+        "Exact: final balance = $0.05 - charged, to the nano-dollar. Bounded: overdraft <= the"
+        " largest single overrun.",
     ]
     return "\n".join(lines)
 
@@ -404,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         time.sleep(3)
         services.check()
-        overdraft = overdraft_phase(config, api)
+        overdraft = [overdraft_phase(config, api, clip=clip) for clip in (False, True)]
     except BaseException:
         for service in services.running:
             log(f"{service.name} log:\n{tail(service.log_path)}")

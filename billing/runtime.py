@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from flask import current_app
 from limits import parse as parse_rate_limit
 from limits.storage import MemoryStorage, RedisStorage, Storage
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from billing.access.auth import ActorCache
 from billing.access.failures import AuthFailures
@@ -32,8 +33,9 @@ from billing.core import effects, metrics
 from billing.core.db import transaction, utcnow
 from billing.core.settings import Settings
 from billing.enforcement import mirror
-from billing.enforcement.authorize import Authorizer, RateLimits
+from billing.enforcement.authorize import Authorizer
 from billing.enforcement.hotpath import HotPath
+from billing.enforcement.rate_limits import RateLimits
 from billing.ledger import holds
 from billing.metering import reconcile, settlement
 from billing.notify import delivery
@@ -47,6 +49,8 @@ SETTLE_FLAG_TTL = 2
 WEBHOOKS_TASK = "workers.tasks.deliver_webhooks"
 # The queue of WEBHOOKS_TASK (billing.app routes it there), so receivers never delay settlement.
 WEBHOOKS_QUEUE = "webhooks"
+# How long Runtime.funds waits for a committed settlement's copy to reach Redis (seconds).
+FUNDS_SNAPSHOT_WAIT = 0.5
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Runtime:
             hmac_key=settings.hmac_key,
             hold_ttl=dt.timedelta(seconds=settings.hold_ttl_seconds),
             default_max_output_tokens=settings.hold_default_max_output_tokens,
+            min_output_tokens=settings.hold_min_output_tokens,
             hotpath=self.hotpath,
             rate_limits=(
                 memory
@@ -110,15 +115,51 @@ class Runtime:
         )
 
     def funds(self, account: Account) -> Funds:
-        """The account's balance, open holds and available balance, counting the holds placed
-        through Redis when it is reachable."""
-        redis_held = 0
+        """The account's balance, open holds and available balance as authorize sees them,
+        counting the holds placed through Redis when it is reachable.
+
+        Redis's holds are released in the same script call that copies the balance their
+        settlement produced, after that settlement commits. So the balance and Redis's holds
+        are read as one snapshot: Redis first (its balance version and holds, together), then
+        the account row; if the row is newer than Redis's copy, its settlement's copy is
+        still on its way (or was lost, which the sweep repairs) and both are read again.
+        Reading the row first would pair a balance from before a settlement with holds from
+        after it (and the other way round, the holds of requests already charged).
+        """
+        if self.hotpath is None:
+            return account.funds()
+        session = object_session(account)
+        deadline = time.monotonic() + FUNDS_SNAPSHOT_WAIT
+        try:
+            while True:
+                copy = self.hotpath.account_copy(account.id)
+                if session is not None:
+                    session.refresh(account)
+                if copy is None or copy[0] >= account.balance_version:
+                    break
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "account %s: Redis's balance is behind PostgreSQL's; its holds may"
+                        " include requests already charged until the sweep copies it",
+                        account.id,
+                    )
+                    break
+                time.sleep(0.005)
+        except redis.RedisError:
+            log.warning("Redis unavailable: held amounts shown without its holds")
+            return account.funds()
+        return account.funds(redis_held_nanos=0 if copy is None else copy[1])
+
+    def hold_keys(self, session: Session, request_ids: list[str]) -> dict[str, str]:
+        """The key of each of these requests that has an open hold, wherever it was placed
+        (Redis's holds are left out while it is unreachable)."""
+        found = holds.open_hold_keys(session, request_ids)
         if self.hotpath is not None:
             try:
-                redis_held = self.hotpath.held_nanos(account.id)
+                found |= self.hotpath.hold_keys(request_ids)
             except redis.RedisError:
-                log.warning("Redis unavailable: held amounts shown without its holds")
-        return account.funds(redis_held_nanos=redis_held)
+                log.warning("Redis unavailable: usage not checked against its holds")
+        return found
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -8,6 +8,9 @@ Invariants:
   (``billing.accounts.key_states``) winning; every change of it is recorded in
   ``key_state_changes`` with its reason, in the same transaction as the fact that caused it,
   and queued for the webhook endpoints (``billing.notify.outbox``) in that transaction too.
+- Each key's events (its creation, then every change) carry a ``sequence`` that increases by
+  one with each: an in-place increment of ``api_keys.event_sequence``, which holds the key's
+  row lock to the commit, so sequences follow commit order and none is given twice.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from limits import parse as parse_rate_limit
-from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select
+from sqlalchemy import JSON, BigInteger, CheckConstraint, ForeignKey, String, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm.attributes import set_committed_value
 
 from billing.accounts import rollups
 from billing.accounts.accounts import Account, get_account
 from billing.accounts.key_states import (
     ENFORCEMENT,
+    KEY_STATE_ROWS,
     SMALLEST_HOLD,
     STATE_TABLE,
     KeyFacts,
@@ -67,6 +72,8 @@ class ApiKey(Base):
     # Open holds of this key placed through PostgreSQL (``billing.ledger.holds``), for its
     # monthly cap.
     held_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The sequence of the key's latest event (see the module's invariants).
+    event_sequence: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
     expires_at: Mapped[dt.datetime | None]
     disabled_at: Mapped[dt.datetime | None]
@@ -109,6 +116,8 @@ class KeyStateChange(Base):
     old_state: Mapped[str | None] = mapped_column(String(32))
     new_state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(200))
+    # The key's event sequence this change was announced with.
+    sequence: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime]
 
 
@@ -142,11 +151,14 @@ def key_facts(
     *,
     month_spend: int,
     hold_nanos: int | None = None,
+    min_hold_nanos: int | None = None,
 ) -> KeyFacts:
     """``key``'s facts at ``now``; ``month_spend`` is its settled spend in the current UTC
     month. With ``hold_nanos`` (authorize), the open holds of the account and of the key count
-    too; without, the facts are those of settled money (see ``SMALLEST_HOLD``)."""
+    too, and ``min_hold_nanos`` is the smallest hold the request accepts (default: the hold);
+    without, the facts are those of settled money (see ``SMALLEST_HOLD``)."""
     settled = hold_nanos is None
+    hold = SMALLEST_HOLD if hold_nanos is None else hold_nanos
     return KeyFacts(
         revoked=key.revoked_at is not None,
         disabled=key.disabled_at is not None,
@@ -157,7 +169,8 @@ def key_facts(
         monthly_cap_nanos=key.monthly_cap_nanos,
         available_nanos=account.balance_nanos if settled else account.available_nanos,
         key_held_nanos=0 if settled else key.held_nanos,
-        hold_nanos=SMALLEST_HOLD if hold_nanos is None else hold_nanos,
+        hold_nanos=hold,
+        min_hold_nanos=hold if min_hold_nanos is None else min_hold_nanos,
     )
 
 
@@ -171,7 +184,10 @@ def derive_state(
     (``billing.enforcement.authorize``) without changing the key's state, as holds come and go
     by the second.
     """
-    return first_row(key_facts(key, account, now, month_spend=month_spend)).state
+    facts = key_facts(key, account, now, month_spend=month_spend)
+    state = first_row(facts, rows=KEY_STATE_ROWS).state
+    assert isinstance(state, KeyState)
+    return state
 
 
 def refresh_state(
@@ -214,23 +230,44 @@ def _mark_snapshots(
 def _apply(session: Session, key: ApiKey, new: KeyState, reason: str, now: dt.datetime) -> bool:
     if key.state == new:
         return False
-    change = KeyStateChange(
-        key_id=key.id, old_state=key.state, new_state=new, reason=reason, created_at=now
+    created = key.state is None  # a new key, not yet flushed: its first event
+    if created:
+        key.event_sequence = 1
+    else:
+        _next_sequence(session, key)
+    sequence, enforcement = key.event_sequence, ENFORCEMENT[new]
+    session.add(
+        KeyStateChange(
+            key_id=key.id,
+            old_state=key.state,
+            new_state=new,
+            reason=reason,
+            sequence=sequence,
+            created_at=now,
+        )
     )
-    session.add(change)
-    outbox.announce_key_state(
-        session,
-        key_id=key.id,
-        account_id=key.account_id,
-        old_state=key.state,
-        new_state=new,
-        http_status=ENFORCEMENT[new].http_status,
-        reason=reason,
-        now=now,
+    event = outbox.KeyEvent(
+        key.id, key.account_id, new, enforcement.http_status, enforcement.code, sequence
     )
+    if created:
+        outbox.announce_key_created(session, event, now=now)
+    else:
+        outbox.announce_key_state(session, event, old_state=key.state, reason=reason, now=now)
     key.state = new
     mark_state_changed(session, key.id, new)
     return True
+
+
+def _next_sequence(session: Session, key: ApiKey) -> None:
+    """Move the key to its next event sequence by an in-place increment (see the invariants)."""
+    sequence: int = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key.id)
+        .values(event_sequence=ApiKey.event_sequence + 1)
+        .returning(ApiKey.event_sequence)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    set_committed_value(key, "event_sequence", sequence)
 
 
 def refresh_keys_of(

@@ -7,6 +7,7 @@ from typing import Any
 from flask_openapi3 import OpenAPI
 from flask_openapi3.models import SecurityScheme
 
+from billing.api import gateway_keys  # noqa: F401  # importing it adds its routes to ``gateway``
 from billing.api.admin import admin
 from billing.api.customer import customer
 from billing.api.gateway import gateway

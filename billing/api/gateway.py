@@ -26,6 +26,7 @@ from billing.core import metrics
 from billing.core.errors import BillingError, InvalidRequest
 from billing.core.money import format_usd
 from billing.enforcement.authorize import Authorization, AuthorizeRequest
+from billing.enforcement.rate_limits import RateWindow
 from billing.http.context import authenticated, bearer_token, now, session, settings
 from billing.http.errors import error_detail, json_body
 from billing.metering import usage_events
@@ -66,11 +67,32 @@ class AuthorizeIn(schemas.Input):
     api_key: str = Field(max_length=200, description="The customer's key, `sk-...`.")
     model: str = Field(max_length=200, examples=["doubao-seed-2-0-lite"])
     request_id: str = Field(
-        min_length=1, max_length=200, description="The id its usage will be reported with."
+        min_length=1,
+        max_length=200,
+        description="The id its usage will be reported with: minted by the gateway, unique per"
+        " upstream request, never taken from the client.",
     )
-    input_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="Estimated input tokens.")
+    input_tokens: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOKENS,
+        description="Estimated input tokens, including the gateway's own estimate for images,"
+        " audio and video.",
+    )
+    input_bytes: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOKENS,
+        description="UTF-8 length of the request's text: an upper bound on its input tokens"
+        " with byte-level BPE tokenizers. The hold covers max(input_tokens, input_bytes).",
+    )
     max_output_tokens: int | None = Field(
         None, ge=1, le=MAX_TOKENS, description="Default: the model's max_output_tokens."
+    )
+    clip: bool = Field(
+        True,
+        description="When the whole hold does not fit, grant the most output tokens that do (at"
+        " least HOLD_MIN_OUTPUT_TOKENS); false: all or nothing.",
     )
 
     def request(self) -> AuthorizeRequest:
@@ -79,8 +101,21 @@ class AuthorizeIn(schemas.Input):
             model=self.model,
             request_id=self.request_id,
             input_tokens=self.input_tokens,
+            input_bytes=self.input_bytes,
             max_output_tokens=self.max_output_tokens,
+            clip=self.clip,
         )
+
+
+class RateLimitOut(BaseModel):
+    """The key's rate limit now, for `x-ratelimit-*` headers."""
+
+    limit: int = Field(description="Requests allowed per window.")
+    remaining: int = Field(description="Requests left in the window now.")
+    reset_seconds: int = Field(
+        description="Seconds until the oldest request counted leaves the window (the window's"
+        " length when none is counted)."
+    )
 
 
 class AuthorizeOut(BaseModel):
@@ -91,6 +126,19 @@ class AuthorizeOut(BaseModel):
     hold_usd: str = Field(description="The worst-case cost reserved for this request.")
     available_usd: str = Field(description="What the account has left to hold after this one.")
     expires_at: dt.datetime = Field(description="When the hold lapses if no usage settles it.")
+    max_output_tokens: int = Field(
+        description="Output tokens the hold covers (at most those asked for): pass it upstream"
+        " as max_tokens / max_output_tokens."
+    )
+    clipped: bool = Field(description="The hold covers fewer output tokens than asked for.")
+    state: Literal["active"] = Field(description="Always active: any other state is refused.")
+    rate_limit: RateLimitOut | None = Field(
+        description="The rate limit after this request; null: the key has none."
+    )
+    monthly_cap_usd: str | None = Field(description="The key's monthly cap; null: none.")
+    month_spend_usd: str | None = Field(
+        description="Settled spend this UTC month (without open holds); null when uncapped."
+    )
 
 
 @gateway.post(
@@ -100,6 +148,7 @@ class AuthorizeOut(BaseModel):
         200: AuthorizeOut,
         402: schemas.ErrorOut,
         403: schemas.ErrorOut,
+        409: schemas.ErrorOut,
         429: schemas.ErrorOut,
         451: schemas.ErrorOut,
     },
@@ -107,14 +156,19 @@ class AuthorizeOut(BaseModel):
 def authorize(body: AuthorizeIn) -> dict[str, Any]:
     """May this key make this request? If so, hold its worst-case cost.
 
-    The hold is the input tokens at the input price plus `max_output_tokens` at the dearer of
-    the output and reasoning prices, reserved against the available balance (balance minus
-    open holds). It is released when usage with the same `request_id` settles (charging the
-    actual cost, even beyond the hold), or after `HOLD_TTL_SECONDS`. Refusals are
-    OpenAI-shaped, for the gateway to relay: 401 `invalid_api_key`, 451
-    `content_policy_violation`, 402 `insufficient_balance`, 429 `monthly_quota_exceeded` or
-    `rate_limit_exceeded` (both with `Retry-After`), 403 `model_not_allowed`, 400
-    `model_not_found`; when several apply, the first in this list.
+    The hold is max(`input_tokens`, `input_bytes`) at the input price plus `max_output_tokens`
+    at the dearer of the output and reasoning prices, reserved against the available balance
+    (balance minus open holds). When it does not fit, it is clipped to the most output tokens
+    that do (at least `HOLD_MIN_OUTPUT_TOKENS`) unless `clip` is false; the answer's
+    `max_output_tokens` is what the hold covers. It is released when usage with the same
+    `request_id` settles (charging the actual cost, even beyond the hold), when the gateway
+    releases it, or after `HOLD_TTL_SECONDS`. The same `request_id` with the same parameters
+    answers the same hold; with others, 409 `request_id_conflict`. Refusals are OpenAI-shaped,
+    for the gateway to relay: 401 `invalid_api_key`, 451 `content_policy_violation`, 402
+    `insufficient_balance` (nothing is available) or `hold_exceeds_available` (param
+    `max_output_tokens`, the message names the most output tokens affordable), 429
+    `monthly_quota_exceeded` or `rate_limit_exceeded` (both with `Retry-After`), 403
+    `model_not_allowed`, 400 `model_not_found`; when several apply, the first in this list.
 
     Served by `billing.api.hot` without Flask whenever Redis and memory can answer.
     """
@@ -133,6 +187,7 @@ ALLOWED = "allowed"
 
 def authorized(result: Authorization) -> dict[str, Any]:
     """The 200 answer of authorize (``AuthorizeOut``)."""
+    cap, spend = result.monthly_cap_nanos, result.month_spend_nanos
     return {
         "allow": True,
         "key_id": result.key_id,
@@ -141,6 +196,23 @@ def authorized(result: Authorization) -> dict[str, Any]:
         "hold_usd": format_usd(result.hold_nanos),
         "available_usd": format_usd(result.available_nanos),
         "expires_at": result.expires_at.isoformat().replace("+00:00", "Z"),
+        "max_output_tokens": result.output_tokens,
+        "clipped": result.clipped,
+        "state": KeyState.ACTIVE.value,
+        "rate_limit": rate_limit(result.rate_window),
+        "monthly_cap_usd": None if cap is None else format_usd(cap),
+        "month_spend_usd": None if cap is None else format_usd(spend or 0),
+    }
+
+
+def rate_limit(window: RateWindow | None) -> dict[str, int] | None:
+    """A rate window as ``RateLimitOut``, or None for a key without a limit."""
+    if window is None:
+        return None
+    return {
+        "limit": window.limit,
+        "remaining": window.remaining,
+        "reset_seconds": window.reset_seconds,
     }
 
 
@@ -215,8 +287,9 @@ def report_usage() -> Response | tuple[Response, int]:
     """Report usage: one event, or `{"events": [...]}` with up to 1000.
 
     Stored durably before the 202. Each item is accepted, a duplicate (same request id and
-    content), or rejected with the reason; bad items never sink the good ones. A single event
-    that is rejected is answered with its error instead.
+    content), or rejected with the reason; bad items never sink the good ones. An item whose
+    request id has an open hold of another key is rejected with `request_id_conflict`. A
+    single event that is rejected is answered with its error instead.
     """
     body = json_body()
     if not isinstance(body, dict):
@@ -237,6 +310,7 @@ def report_usage() -> Response | tuple[Response, int]:
         hmac_key=settings().hmac_key,
         max_age=settings().usage_max_age,
         now=now(),
+        hold_keys=lambda request_ids: current_runtime().hold_keys(session(), request_ids),
     )
     metrics.count_usage(
         accepted=result.accepted, duplicates=result.duplicates, rejected=len(result.rejected)
@@ -343,6 +417,10 @@ class KeyStateChangeOut(BaseModel):
     old_state: str | None
     new_state: str
     http_status: int
+    code: str | None = Field(description="The `error.code` of `new_state`; null for active.")
+    sequence: int = Field(
+        description="The key's event sequence, as its webhooks carry it (increasing per key)."
+    )
     reason: str
     changed_at: dt.datetime
 
@@ -357,13 +435,16 @@ class KeyStateFeed(BaseModel):
 
 
 def key_state_change(row: KeyStateChange, account_id: str) -> KeyStateChangeOut:
+    enforcement = ENFORCEMENT[KeyState(row.new_state)]
     return KeyStateChangeOut(
         id=row.id,
         key_id=row.key_id,
         account_id=account_id,
         old_state=row.old_state,
         new_state=row.new_state,
-        http_status=ENFORCEMENT[KeyState(row.new_state)].http_status,
+        http_status=enforcement.http_status,
+        code=enforcement.code,
+        sequence=row.sequence,
         reason=row.reason,
         changed_at=row.created_at,
     )

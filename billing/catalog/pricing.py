@@ -121,7 +121,69 @@ def worst_case_cost(price: Price, *, input_tokens: int, max_output_tokens: int) 
     """The most a request can cost: its input at the input price and every possible output
     token at the dearer of the output and reasoning prices, rounded up to a nano-dollar (a
     hold never falls short of the charge for these counts by rounding)."""
-    femtos = input_tokens * price.input_nanos_per_m + max_output_tokens * max(
-        price.output_nanos_per_m, price.reasoning
+    terms = HoldTerms.of(
+        price,
+        input_tokens=input_tokens,
+        output_tokens=max_output_tokens,
+        min_output_tokens=max_output_tokens,
     )
-    return -(-femtos // FEMTOS_PER_NANO)
+    return terms.full_amount
+
+
+@dataclass(frozen=True, slots=True)
+class HoldTerms:
+    """What a request's hold is made of: its input at the input price, fixed, and each output
+    token at the dearer of the output and reasoning prices, in femto-dollars; the output tokens
+    asked for, and the fewest a clipped hold may grant (``output_tokens`` when the request asks
+    for all or nothing).
+
+    ``amount(n)`` is the hold covering ``n`` output tokens, rounded up to a nano-dollar, so a
+    hold never falls short of the charge for the counts it covers. Holds are monotone in ``n``,
+    so the largest grant that fits an available balance is well defined (``grant``).
+    """
+
+    input_femtos: int
+    output_femtos_per_token: int
+    output_tokens: int
+    min_output_tokens: int
+
+    @classmethod
+    def of(
+        cls, price: Price, *, input_tokens: int, output_tokens: int, min_output_tokens: int
+    ) -> HoldTerms:
+        """The terms of a request to a model at ``price``; ``min_output_tokens`` is capped at
+        ``output_tokens`` (a request below the minimum is never clipped)."""
+        return cls(
+            input_tokens * price.input_nanos_per_m,
+            max(price.output_nanos_per_m, price.reasoning),
+            output_tokens,
+            min(min_output_tokens, output_tokens),
+        )
+
+    def amount(self, output_tokens: int) -> Nanos:
+        """The hold covering the input and ``output_tokens``, rounded up to a nano-dollar."""
+        femtos = self.input_femtos + output_tokens * self.output_femtos_per_token
+        return -(-femtos // FEMTOS_PER_NANO)
+
+    @property
+    def full_amount(self) -> Nanos:
+        """The hold covering every output token asked for."""
+        return self.amount(self.output_tokens)
+
+    def most_output(self, available: Nanos) -> int | None:
+        """The most output tokens, at most those asked for, whose hold fits ``available``; None
+        when not even the input fits."""
+        room = available * FEMTOS_PER_NANO - self.input_femtos
+        if room < 0:
+            return None
+        if self.output_femtos_per_token == 0:
+            return self.output_tokens
+        return min(self.output_tokens, room // self.output_femtos_per_token)
+
+    def grant(self, available: Nanos) -> tuple[int, Nanos] | None:
+        """The output tokens granted against ``available`` and their hold: all asked for if
+        they fit, else the most that fit if that is at least the minimum, else None."""
+        most = self.most_output(available)
+        if most is None or most < self.min_output_tokens:
+            return None
+        return most, self.amount(most)

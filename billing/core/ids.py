@@ -12,6 +12,7 @@ import secrets
 import string
 import threading
 import time
+import uuid
 
 # In ASCII order, so that ids (whose leading digits encode the time) sort in creation order.
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -65,3 +66,13 @@ def mask(secret: str) -> tuple[str, str]:
     """The display prefix and last four characters kept beside a hash (``sk-AbCd``, ``wxyz``)."""
     head = secret.find("-") + 1 or secret.find("_") + 1
     return secret[: head + 4], secret[-4:]
+
+
+def uuid7() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits; unique without
+    coordination, and sorting in creation order to the millisecond."""
+    milliseconds = time.time_ns() // 1_000_000
+    value = (milliseconds & (2**48 - 1)) << 80 | secrets.randbits(80)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC 9562 variant
+    return uuid.UUID(int=value)

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         description="Output tokens a hold covers when neither the gateway nor the model's price"
         " says a maximum.",
     )
+    hold_min_output_tokens: int = Field(
+        256,
+        ge=1,
+        description="The fewest output tokens a clipped hold may grant; below it, 402.",
+    )
     authorize_when_redis_down: Literal["postgres", "refuse"] = Field(
         "postgres",
         description="What authorize does when Redis is unreachable: check and hold through"

@@ -1,58 +1,72 @@
 """Authorize: may this key make this request, and reserve its worst-case cost (DESIGN 6.1).
 
 The checks run in the order of the state table (DESIGN section 5), the first failing one
-answering: 401 invalid key, 451 suspended, 402 insufficient balance (the balance is spent, or
-the hold does not fit what is available), 429 monthly quota (spend this month plus the key's
-open holds plus this hold would pass the cap), 429 rate limited, 403 model not allowed, 400
-unknown model. A request refused for any reason but its rate limit does not consume it.
+answering: 401 invalid key, 451 suspended; then a request id that holds already is answered
+with its hold (the same request) or 409 (another); then 402 insufficient balance (nothing is
+available), 402 hold exceeds available (not even the smallest hold the request accepts fits),
+429 monthly quota (spend this month plus the key's open holds plus this hold would pass the
+cap), 429 rate limited, 403 model not allowed, 400 unknown model. A request refused for any
+reason but its rate limit does not consume it.
+
+The hold covers the input estimate (the larger of ``input_tokens`` and ``input_bytes``) and the
+output tokens asked for; when that does not fit what is available, it is clipped to the most
+output tokens that do, if those are at least ``HOLD_MIN_OUTPUT_TOKENS`` (unless the request
+asks for all or nothing), and the granted count is answered for the gateway to pass upstream.
 
 Two places can check and hold, with the same rules (see ``Verdict``):
 - Redis (``billing.enforcement.hotpath``), when configured: one script call, no PostgreSQL;
-- PostgreSQL (``PostgresHolds``): on the embedded default, and when Redis is down unless
-  ``AUTHORIZE_WHEN_REDIS_DOWN=refuse`` (then 503). Never "allow everything".
+- PostgreSQL (``billing.enforcement.postgres``): on the embedded default, and when Redis is
+  down unless ``AUTHORIZE_WHEN_REDIS_DOWN=refuse`` (then 503). Never "allow everything".
+Verifying a key and releasing a hold go to the same places in the same way.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import TypeVar
 
 import redis
 from cachetools import TTLCache
-from limits import RateLimitItem, parse
-from limits.storage import Storage
-from limits.strategies import MovingWindowRateLimiter
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing.accounts import rollups
-from billing.accounts.accounts import Account
-from billing.accounts.key_states import ENFORCEMENT, KeyState, first_row
-from billing.accounts.keys import ApiKey, key_facts
+from billing.accounts.key_states import ENFORCEMENT, KeyState, RequestRefusal, Row
 from billing.catalog import catalog
-from billing.catalog.pricing import Price, worst_case_cost
+from billing.catalog.pricing import HoldTerms, Price
 from billing.core.errors import BillingError
 from billing.core.ids import keyed_hash, new_id
 from billing.core.money import Nanos
-from billing.enforcement.hotpath import HoldRequest, HotPath, Verdict
+from billing.enforcement.hotpath import NO_HOLD, HoldRequest, HotPath, KeyCheck, Verdict
+from billing.enforcement.postgres import PostgresHolds
+from billing.enforcement.rate_limits import RateLimits, RateWindow
 from billing.ledger import holds
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A key or account Redis lost again as soon as it was copied: Redis is not keeping data.
+_LOST = "the hot path lost the data it was just given"
 
 
 class Refused(BillingError):
     """Authorize says no; the status, code and message are those of DESIGN section 5."""
 
     def __init__(
-        self, status: int, code: str, type_: str, message: str, retry_after: int | None = None
+        self,
+        status: int,
+        code: str,
+        type_: str,
+        message: str,
+        retry_after: int | None = None,
+        *,
+        param: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, param=param)
         self.status = status
         self.code = code
         self.type = type_
@@ -71,19 +85,23 @@ class Unavailable(BillingError):
     type = "server_error"
 
 
-# Verdicts that name a key state: that state's row of the table answers.
-_REFUSED_STATES = frozenset(state.value for state in KeyState if state is not KeyState.ACTIVE)
+# Verdicts that name a row of the state table: that row answers.
+_REFUSED_ROWS = frozenset(
+    [state.value for state in KeyState if state is not KeyState.ACTIVE]
+    + [refusal.value for refusal in RequestRefusal]
+)
 
 
-def _state_refusal(state: KeyState, retry_after: int | None = None) -> Refused:
-    enforcement = ENFORCEMENT[state]
+def _row_refusal(row: Row, retry_after: int | None = None, *, tokens: int = 0) -> Refused:
+    enforcement = ENFORCEMENT[row]
     assert enforcement.code and enforcement.type and enforcement.message
     return Refused(
         enforcement.http_status,
         enforcement.code,
         enforcement.type,
-        enforcement.message,
+        enforcement.message.format(tokens=tokens),
         retry_after,
+        param=enforcement.param,
     )
 
 
@@ -96,18 +114,42 @@ def seconds_to_next_month(now: dt.datetime) -> int:
 
 @dataclass(frozen=True)
 class AuthorizeRequest:
-    """What the gateway asks about: the key, the model, the request and its size."""
+    """What the gateway asks about: the key, the model, the request and its size.
+
+    The input estimate is the larger of ``input_tokens`` and ``input_bytes`` (the UTF-8 length
+    of the request's text, an upper bound on the input tokens of byte-level BPE tokenizers).
+    ``clip`` false asks for all of ``max_output_tokens`` or nothing.
+    """
 
     api_key: str
     model: str
     request_id: str
     input_tokens: int = 0
     max_output_tokens: int | None = None
+    input_bytes: int = 0
+    clip: bool = True
+
+    @property
+    def input_estimate(self) -> int:
+        """The input tokens the hold covers."""
+        return max(self.input_tokens, self.input_bytes)
+
+    def request_hash(self, model_id: str) -> str:
+        """What tells this request from another under the same request id (the key aside)."""
+        parameters = (
+            model_id,
+            self.input_tokens,
+            self.input_bytes,
+            self.max_output_tokens,
+            self.clip,
+        )
+        return hashlib.sha256(repr(parameters).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
 class Authorization:
-    """A yes, with the hold placed for the request."""
+    """A yes, with the hold placed for the request: ``output_tokens`` is what it covers (the
+    gateway's upstream maximum), ``clipped`` whether that is fewer than asked for."""
 
     key_id: str
     account_id: str
@@ -115,6 +157,22 @@ class Authorization:
     hold_nanos: Nanos
     available_nanos: Nanos
     expires_at: dt.datetime
+    output_tokens: int = 0
+    clipped: bool = False
+    rate_window: RateWindow | None = None
+    monthly_cap_nanos: Nanos | None = None
+    month_spend_nanos: Nanos | None = None
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """A key that may still be used (not answered 401), as ``POST /keys/verify`` shows it."""
+
+    key_id: str
+    account_id: str
+    state: KeyState
+    allowed_models: list[str] | None
+    rate_window: RateWindow | None
 
 
 @dataclass(frozen=True)
@@ -172,95 +230,6 @@ class Quotes:
         return quote
 
 
-@lru_cache(maxsize=1024)
-def _rate(text: str) -> RateLimitItem:
-    return parse(text)
-
-
-class RateLimits:
-    """Per-key rate limits (the `limits` library's moving window) in one storage."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._limiter = MovingWindowRateLimiter(storage)
-
-    def hit(self, rate_limit: str, key_id: str) -> bool:
-        """Count a request; False (and nothing counted) if the limit is reached."""
-        return self._limiter.hit(_rate(rate_limit), key_id)
-
-    def test(self, rate_limit: str, key_id: str) -> bool:
-        """Whether a request would be allowed now, counting nothing."""
-        return self._limiter.test(_rate(rate_limit), key_id)
-
-    def retry_after(self, rate_limit: str, key_id: str) -> int:
-        """Whole seconds until the next request may be allowed (at least 1)."""
-        reset = self._limiter.get_window_stats(_rate(rate_limit), key_id).reset_time
-        return max(1, math.ceil(reset - time.time()))
-
-
-class PostgresHolds:
-    """The checks of ``lua/authorize.lua`` on PostgreSQL (or SQLite), holds in ``holds``, rate
-    limits in ``rate_limits``: the state table walked with the key's stored state and the
-    facts at hand, then the rate limit and the model."""
-
-    def __init__(self, session: Session, rate_limits: RateLimits) -> None:
-        self.session = session
-        self.rate_limits = rate_limits
-
-    def authorize(self, hold: HoldRequest) -> Verdict:
-        """Check the key and, for a known model, place the hold if it fits."""
-        session = self.session
-        now = hold.now
-        amount_nanos = hold.amount_nanos
-        key = session.scalars(select(ApiKey).where(ApiKey.key_hash == hold.key_hash)).first()
-        if key is None:
-            return Verdict("invalid")
-
-        def answer(verdict: str, available: int | None = None) -> Verdict:
-            return Verdict(verdict, key.id, key.account_id, key.rate_limit or "", available)
-
-        account = session.get_one(Account, key.account_id)
-        available = account.available_nanos
-        spend = 0
-        if key.monthly_cap_nanos is not None:
-            spend = rollups.month_spend(session, [key.id], now=now).get(key.id, 0)
-        facts = key_facts(key, account, now, month_spend=spend, hold_nanos=amount_nanos)
-        state = first_row(facts, stored=key.state_at(now)).state
-        if state is not KeyState.ACTIVE:
-            return answer(state.value, available)
-        limit = key.rate_limit
-        if limit and not self.rate_limits.test(limit, key.id):
-            return answer("rate_limited", available)
-        if hold.model_id is None:
-            return answer("checked", available)
-        if key.allowed_models is not None and hold.model_id not in key.allowed_models:
-            return answer("model_not_allowed", available)
-        try:
-            placed = holds.place(
-                session,
-                key=key,
-                hold_id=hold.hold_id,
-                model_id=hold.model_id,
-                request_id=hold.request_id,
-                amount_nanos=amount_nanos,
-                month_spend=spend,
-                ttl=hold.expires_at - now,
-                now=now,
-            )
-        except holds.QuotaExceeded:  # a concurrent hold took the rest of the cap
-            return answer("monthly_quota_exceeded", available)
-        if placed is None:  # a concurrent hold took the rest of the balance
-            return answer("insufficient_balance", available)
-        row, left = placed
-        placed_now = row.id == hold.hold_id  # not the hold of an earlier call with this id
-        if placed_now and limit and not self.rate_limits.hit(limit, key.id):
-            # A concurrent request took the last place in the window.
-            holds.release(session, [hold.request_id], reason="rate limited", now=now)
-            return answer("rate_limited", available)
-        return Verdict(
-            "held", key.id, key.account_id, key.rate_limit or "", left, row.id, row.amount_nanos
-        )
-
-
 @dataclass
 class Authorizer:
     """Authorize for one process: where holds go, the rate limits, the model quotes."""
@@ -273,6 +242,7 @@ class Authorizer:
     fallback_rate_limits: RateLimits
     fall_back_to_postgres: bool = True
     quotes: Quotes | None = None
+    min_output_tokens: int = 256
 
     def __post_init__(self) -> None:
         self.quotes = self.quotes or Quotes()
@@ -280,98 +250,177 @@ class Authorizer:
     def authorize(
         self, session: Opener, request: AuthorizeRequest, *, now: dt.datetime
     ) -> Authorization:
-        """Check ``request`` and hold its worst-case cost; raises Refused (or Unavailable).
+        """Check ``request`` and hold its worst-case cost, clipped if need be and allowed;
+        raises Refused (or Unavailable).
 
         ``session`` opens the request's session when first called: the Redis path calls it
         only to reload a key or account Redis does not have. With ``session`` None, raises
         NeedsDatabase (having changed nothing) where it would be needed.
         """
         assert self.quotes is not None
-        quote = self.quotes.get(session, request.model, now=now)
-        amount = 0
-        if quote is not None:
-            max_output = (
-                request.max_output_tokens
-                or quote.max_output_tokens
-                or self.default_max_output_tokens
-            )
-            amount = worst_case_cost(
-                quote.price, input_tokens=request.input_tokens, max_output_tokens=max_output
-            )
-        key_hash = keyed_hash(self.hmac_key, request.api_key)
+        hold = self._hold(
+            keyed_hash(self.hmac_key, request.api_key),
+            self.quotes.get(session, request.model, now=now),
+            request,
+            now,
+        )
+
+        def on_redis(hotpath: HotPath) -> Verdict:
+            verdict = hotpath.authorize(hold)
+            if verdict.verdict == "miss":
+                self._load(session, hotpath, hold.key_hash, now)
+                verdict = hotpath.authorize(hold)
+            if verdict.verdict == "miss":
+                raise redis.RedisError(_LOST)
+            return verdict
+
+        verdict = self._on_redis(session, on_redis, "authorizing")
+        rate_limits = self.rate_limits
+        if verdict is None:
+            rate_limits = self.fallback_rate_limits
+            verdict = PostgresHolds(_opened(session), rate_limits).authorize(hold)
+        return self._decide(verdict, rate_limits, request, hold, now)
+
+    def verify(self, session: Opener, api_key: str, *, now: dt.datetime) -> KeyStatus:
+        """The key's state, allowed models and rate-limit window, placing no hold and counting
+        nothing; raises Refused (401) for a key that cannot be used (or Unavailable)."""
+        key_hash = keyed_hash(self.hmac_key, api_key)
+
+        def on_redis(hotpath: HotPath) -> KeyCheck:
+            check = hotpath.verify(key_hash, now=now)
+            if check.state == "miss":
+                self._load(session, hotpath, key_hash, now)
+                check = hotpath.verify(key_hash, now=now)
+            if check.state == "miss":
+                raise redis.RedisError(_LOST)
+            return check
+
+        check = self._on_redis(session, on_redis, "verifying")
+        if check is None:
+            postgres = PostgresHolds(_opened(session), self.fallback_rate_limits)
+            check = postgres.verify(key_hash, now=now)
+        state = KeyState.REVOKED if check.state == "invalid" else KeyState(check.state)
+        if ENFORCEMENT[state].http_status == 401:
+            raise _row_refusal(state)
+        return KeyStatus(
+            check.key_id, check.account_id, state, check.allowed_models, check.rate_window
+        )
+
+    def release(
+        self, session: Opener, hold_id: str, *, now: dt.datetime
+    ) -> tuple[holds.HoldStatus, Nanos]:
+        """Release the hold ``hold_id`` if it is open, wherever it was placed; returns its status
+        and the amount released (0 if it was closed already). Raises holds.HoldNotFound, or
+        Unavailable when Redis is down and the hold is not PostgreSQL's.
+
+        Releasing only ever frees money, so PostgreSQL's holds are released even where
+        authorize is configured to refuse while Redis is down.
+        """
+        redis_down = False
         if self.hotpath is not None:
             try:
-                return self._decide(
-                    self._from_redis(session, self.hotpath, key_hash, quote, amount, request, now),
-                    self.rate_limits,
-                    request,
-                    now,
-                )
+                answered = self.hotpath.release_hold(hold_id)
             except redis.RedisError as exc:
                 if session is None:
                     raise NeedsDatabase from exc
-                if not self.fall_back_to_postgres:
-                    raise Unavailable(
-                        "Authorization is unavailable (Redis is down); retry shortly."
-                    ) from exc
-                log.warning("Redis unavailable, authorizing through PostgreSQL: %s", exc)
-        postgres = PostgresHolds(_opened(session), self.fallback_rate_limits)
-        verdict = postgres.authorize(self._hold(key_hash, quote, amount, request, now))
-        return self._decide(verdict, self.fallback_rate_limits, request, now)
+                log.warning("Redis unavailable, releasing through PostgreSQL: %s", exc)
+                redis_down = True
+            else:
+                if answered is not None:
+                    return holds.HoldStatus(answered[0]), answered[1]
+        try:
+            return holds.release_hold(_opened(session), hold_id, now=now)
+        except holds.HoldNotFound:
+            if redis_down:
+                raise Unavailable(
+                    "Redis is down and the hold is not PostgreSQL's; retry shortly."
+                ) from None
+            raise
+
+    def _on_redis(self, session: Opener, attempt: Callable[[HotPath], T], doing: str) -> T | None:
+        """``attempt`` on the hot path; None when there is none or it is down and PostgreSQL
+        answers instead (raises Unavailable if configured to refuse, NeedsDatabase if there is
+        no session to fall back with)."""
+        if self.hotpath is None:
+            return None
+        try:
+            return attempt(self.hotpath)
+        except redis.RedisError as exc:
+            if session is None:
+                raise NeedsDatabase from exc
+            if not self.fall_back_to_postgres:
+                raise Unavailable(
+                    "Authorization is unavailable (Redis is down); retry shortly."
+                ) from exc
+            log.warning("Redis unavailable, %s through PostgreSQL: %s", doing, exc)
+            return None
+
+    @staticmethod
+    def _load(session: Opener, hotpath: HotPath, key_hash: str, now: dt.datetime) -> None:
+        """Copy a key Redis lacks, and its account, from PostgreSQL (an unknown secret is
+        remembered as such); raises RedisError if Redis loses it again at once."""
+        hotpath.load(_opened(session), key_hash, now=now)
 
     def _hold(
         self,
         key_hash: str,
         quote: Quote | None,
-        amount: int,
         request: AuthorizeRequest,
         now: dt.datetime,
     ) -> HoldRequest:
+        terms, model_id, request_hash = NO_HOLD, None, ""
+        if quote is not None:
+            output_tokens = (
+                request.max_output_tokens
+                or quote.max_output_tokens
+                or self.default_max_output_tokens
+            )
+            terms = HoldTerms.of(
+                quote.price,
+                input_tokens=request.input_estimate,
+                output_tokens=output_tokens,
+                min_output_tokens=self.min_output_tokens if request.clip else output_tokens,
+            )
+            model_id = quote.model_id
+            request_hash = request.request_hash(model_id)
         return HoldRequest(
             key_hash=key_hash,
-            model_id=quote.model_id if quote else None,
-            amount_nanos=amount,
+            model_id=model_id,
             request_id=request.request_id,
             hold_id=new_id("hold"),
             now=now,
             expires_at=now + self.hold_ttl,
+            terms=terms,
+            request_hash=request_hash,
         )
-
-    def _from_redis(
-        self,
-        session: Opener,
-        hotpath: HotPath,
-        key_hash: str,
-        quote: Quote | None,
-        amount: int,
-        request: AuthorizeRequest,
-        now: dt.datetime,
-    ) -> Verdict:
-        hold = self._hold(key_hash, quote, amount, request, now)
-        verdict = hotpath.authorize(hold)
-        if verdict.verdict != "miss":
-            return verdict
-        if not hotpath.load(_opened(session), key_hash, now=now):
-            return Verdict("invalid")
-        verdict = hotpath.authorize(hold)
-        if verdict.verdict == "miss":  # evicted again at once: Redis is not keeping data
-            raise redis.RedisError("the hot path lost the data it was just given")
-        return verdict
 
     def _decide(
         self,
         verdict: Verdict,
         rate_limits: RateLimits,
         request: AuthorizeRequest,
+        hold: HoldRequest,
         now: dt.datetime,
     ) -> Authorization:
         outcome = verdict.verdict
         if outcome == "invalid":  # a secret of no key, answered as the 401 rows are
-            raise _state_refusal(KeyState.REVOKED)
+            raise _row_refusal(KeyState.REVOKED)
         if outcome == KeyState.MONTHLY_QUOTA_EXCEEDED:
-            raise _state_refusal(KeyState.MONTHLY_QUOTA_EXCEEDED, seconds_to_next_month(now))
-        if outcome in _REFUSED_STATES:
-            raise _state_refusal(KeyState(outcome))
+            raise _row_refusal(KeyState.MONTHLY_QUOTA_EXCEEDED, seconds_to_next_month(now))
+        if outcome == RequestRefusal.HOLD_EXCEEDS_AVAILABLE:
+            raise _row_refusal(RequestRefusal(outcome), tokens=verdict.affordable_tokens)
+        if outcome in _REFUSED_ROWS:
+            raise _row_refusal(KeyState(outcome))
+        if outcome == "request_id_conflict":
+            raise Refused(
+                409,
+                "request_id_conflict",
+                "invalid_request_error",
+                f"request_id {request.request_id!r} already holds for a request with other"
+                " parameters (key, model, input_tokens, input_bytes, max_output_tokens or"
+                " clip); every upstream request needs a request id of its own.",
+                param="request_id",
+            )
         if outcome == "rate_limited":
             raise self._rate_limited(rate_limits, verdict.rate_limit, verdict.key_id)
         if outcome == "model_not_allowed":
@@ -389,6 +438,9 @@ class Authorizer:
                 f"The model {request.model!r} does not exist or has no price.",
             )
         assert outcome == "held" and verdict.available_nanos is not None, outcome
+        asked = hold.terms.output_tokens
+        # A hold placed before holds kept their output tokens covered all that was asked.
+        granted = verdict.output_tokens or asked
         return Authorization(
             key_id=verdict.key_id,
             account_id=verdict.account_id,
@@ -396,6 +448,11 @@ class Authorizer:
             hold_nanos=verdict.amount_nanos,
             available_nanos=verdict.available_nanos,
             expires_at=now + self.hold_ttl,
+            output_tokens=granted,
+            clipped=granted < asked,
+            rate_window=verdict.rate_window,
+            monthly_cap_nanos=verdict.monthly_cap_nanos,
+            month_spend_nanos=verdict.month_spend_nanos,
         )
 
     @staticmethod

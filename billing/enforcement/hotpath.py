@@ -14,12 +14,15 @@ never touches PostgreSQL:
   which moves with every balance change, so an older copy never overwrites a newer one), the
   month spend of its capped keys (``spend:<key id>`` = ``YYYY-MM spend``), and the sum of its
   open holds (``held``, and ``kheld:<key id>`` per key).
-- ``billing:holds`` (request id -> account, key, amount, hold id, expiry) and the sorted set
-  ``billing:holds:expiry``: the open holds.
+- ``billing:holds`` (request id -> account, key, amount, hold id, output tokens, a hash of the
+  authorize request's parameters) and the sorted set ``billing:holds:expiry``: the open holds;
+  ``billing:hid:<hold id>``: what became of a hold (open, released, settled, expired), kept
+  until ``HOLD_RECORD_LINGER`` after its expiry, for the gateway's release route.
 
 Invariants:
 - A hold is placed only if it fits: balance - held >= amount, tested and reserved in one
-  script, so concurrent authorizes never reserve more than the balance.
+  script, so concurrent authorizes never reserve more than the balance. A hold clipped to what
+  is available is computed in that same script, from the available balance it reserves from.
 - Settlement releases a request's hold in the same script call that copies the balance the
   settlement produced, so the charge is never counted twice nor not at all.
 - Everything here may be lost (DESIGN invariant 6): a missing key or account is reloaded from
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -47,8 +51,11 @@ from sqlalchemy.orm import Session
 from billing.accounts import rollups
 from billing.accounts.accounts import Account
 from billing.accounts.keys import CHANGE_COMMIT_LAG, ApiKey
+from billing.catalog.pricing import HoldTerms
 from billing.core.effects import AccountSnapshot
+from billing.core.money import FEMTOS_PER_NANO
 from billing.enforcement import mirror
+from billing.enforcement.rate_limits import RateWindow
 from billing.ledger.ledger import LedgerEntry
 
 ACCOUNT_PREFIX = "billing:acct:"
@@ -59,6 +66,11 @@ BALANCE_CURSOR = "billing:balances:cursor"
 # PostgreSQL; a key issued later has a different hash, so nothing valid is refused by it.
 UNKNOWN_KEY_TTL = 60
 UNKNOWN = "-"
+HOLD_RECORD = "billing:hid:"
+# How long after a hold's expiry Redis still says what became of it (the release route answers
+# 404 for a hold it no longer knows).
+HOLD_RECORD_LINGER = dt.timedelta(minutes=10)
+NO_HOLD = HoldTerms(0, 0, 0, 0)
 
 
 def _script(name: str) -> str:
@@ -71,24 +83,34 @@ def _script(name: str) -> str:
 _AUTHORIZE = _script("authorize")
 _PUBLISH = _script("publish")
 _PURGE = _script("purge")
+_RELEASE = _script("release")
+_VERIFY = _script("verify")
 
 
 @dataclass(frozen=True)
 class HoldRequest:
-    """What to check, and hold if it fits: a model id of None checks the key only."""
+    """What to check, and hold if it fits: a model id of None checks the key only.
+    ``request_hash`` tells a repeat of an authorize request from another one under its id."""
 
     key_hash: str
     model_id: str | None
-    amount_nanos: int
     request_id: str
     hold_id: str
     now: dt.datetime
     expires_at: dt.datetime
+    terms: HoldTerms = NO_HOLD
+    request_hash: str = ""
+
+    @property
+    def amount_nanos(self) -> int:
+        """The hold of every output token asked for."""
+        return self.terms.full_amount
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the authorize script answered (see ``lua/authorize.lua``)."""
+    """What authorize found (see ``lua/authorize.lua``): ``output_tokens`` is what a hold
+    covers, ``affordable_tokens`` the most a hold that does not fit could cover."""
 
     verdict: str
     key_id: str = ""
@@ -97,6 +119,23 @@ class Verdict:
     available_nanos: int | None = None
     hold_id: str = ""
     amount_nanos: int = 0
+    output_tokens: int = 0
+    affordable_tokens: int = 0
+    rate_window: RateWindow | None = None
+    monthly_cap_nanos: int | None = None
+    month_spend_nanos: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """A key's state as the mirror has it (``lua/verify.lua``), or ``invalid`` / ``miss``."""
+
+    state: str
+    key_id: str = ""
+    account_id: str = ""
+    allowed_models: list[str] | None = None
+    rate_limit: str = ""
+    rate_window: RateWindow | None = None
 
 
 def _ms(at: dt.datetime) -> int:
@@ -107,6 +146,13 @@ def _clamped(nanos: int) -> str:
     return str(max(-mirror.EXACT_LIMIT, min(nanos, mirror.EXACT_LIMIT)))
 
 
+class _Returned:
+    """Gives ``connection`` back to ``pool`` when collected (with its thread's locals)."""
+
+    def __init__(self, pool: redis.ConnectionPool, connection: Any) -> None:
+        weakref.finalize(self, pool.release, connection)
+
+
 class HotPath:
     """The Redis side of authorize for one Redis server."""
 
@@ -115,6 +161,8 @@ class HotPath:
         self._authorize = client.register_script(_AUTHORIZE)
         self._publish = client.register_script(_PUBLISH)
         self._purge = client.register_script(_PURGE)
+        self._release = client.register_script(_RELEASE)
+        self._verify = client.register_script(_VERIFY)
         self._own = threading.local()
 
     def _evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -122,7 +170,11 @@ class HotPath:
         retry machinery cost about as much CPU as the script itself, once per authorize."""
         connection = getattr(self._own, "connection", None)
         if connection is None:
-            connection = self._own.connection = self.client.connection_pool.get_connection()
+            pool = self.client.connection_pool
+            connection = self._own.connection = pool.get_connection()
+            # Given back when the thread ends (its locals go): threads that come and go (a
+            # server's per-request threads, a pool's) would otherwise use the pool up.
+            self._own.returned = _Returned(pool, connection)
         try:
             try:
                 connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -136,7 +188,11 @@ class HotPath:
             raise
 
     def authorize(self, hold: HoldRequest) -> Verdict:
-        """Check the key and, for a known model, place the hold if it fits; raises RedisError."""
+        """Check the key and, for a known model, place the hold if it fits (clipped if the
+        terms allow); raises RedisError."""
+        terms = hold.terms
+        input_nanos, input_femtos = divmod(terms.input_femtos, FEMTOS_PER_NANO)
+        output_nanos, output_femtos = divmod(terms.output_femtos_per_token, FEMTOS_PER_NANO)
         answer = self._evalsha(
             self._authorize,
             [HOLDS, EXPIRY],
@@ -150,12 +206,32 @@ class HotPath:
                 _ms(hold.expires_at),
                 rollups.month_key(hold.now),
                 repr(hold.now.timestamp()),
+                hold.request_hash,
+                terms.output_tokens,
+                terms.min_output_tokens,
+                input_nanos,
+                input_femtos,
+                output_nanos,
+                output_femtos,
+                _ms(hold.expires_at + HOLD_RECORD_LINGER),
             ],
         )
         verdict, *rest = (part.decode() for part in answer)
         if not rest:
             return Verdict(verdict)
-        key_id, account_id, rate_limit, available, hold_id, amount = rest
+        key_id, account_id, rate_limit, available, hold_id, amount, granted, affordable = rest[:8]
+        window = cap = spend = None
+        if len(rest) > 8:  # a hold: the key's rate window and cap come with it
+            used, oldest, cap_text, spend_text = rest[8:]
+            if rate_limit:
+                window = RateWindow.of(
+                    rate_limit,
+                    used=int(used),
+                    oldest=float(oldest) if oldest else None,
+                    now=hold.now.timestamp(),
+                )
+            cap = int(cap_text) if cap_text else None
+            spend = int(spend_text) if spend_text else None
         return Verdict(
             verdict,
             key_id,
@@ -164,6 +240,36 @@ class HotPath:
             int(available) if available else None,
             hold_id,
             int(amount) if amount else 0,
+            int(granted) if granted else 0,
+            int(affordable) if affordable else 0,
+            window,
+            cap,
+            spend,
+        )
+
+    def verify(self, key_hash: str, *, now: dt.datetime) -> KeyCheck:
+        """The state of the key with this hash, as the mirror has it; counts nothing. Raises
+        RedisError."""
+        answer = self._evalsha(self._verify, [], [key_hash, _ms(now), repr(now.timestamp())])
+        state, *rest = (part.decode() for part in answer)
+        if not rest:
+            return KeyCheck(state)
+        key_id, account_id, models, rate_limit, used, oldest = rest
+        window = None
+        if rate_limit:
+            window = RateWindow.of(
+                rate_limit,
+                used=int(used),
+                oldest=float(oldest) if oldest else None,
+                now=now.timestamp(),
+            )
+        return KeyCheck(
+            state,
+            key_id,
+            account_id,
+            None if models == mirror.ALL_MODELS else models.split(",") if models else [],
+            rate_limit,
+            window,
         )
 
     def publish(self, snapshots: dict[str, AccountSnapshot], released: list[str]) -> int:
@@ -171,7 +277,13 @@ class HotPath:
         settled requests; returns how many holds were released. Raises RedisError."""
         if not snapshots and not released:
             return 0
+        return self._published(snapshots, released, status="settled")
+
+    def _published(
+        self, snapshots: dict[str, AccountSnapshot], released: list[str], *, status: str
+    ) -> int:
         document = {
+            "status": status,
             "accounts": [
                 [
                     account_id,
@@ -190,7 +302,36 @@ class HotPath:
 
     def release(self, request_id: str) -> bool:
         """Release one request's hold (a request refused after it was placed)."""
-        return self.publish({}, [request_id]) == 1
+        return self._published({}, [request_id], status="released") == 1
+
+    def release_hold(self, hold_id: str) -> tuple[str, int] | None:
+        """Release the hold ``hold_id`` if it is open; returns its status now and the amount
+        this call released (0 if it was closed already), or None if Redis does not know the
+        hold. Raises RedisError."""
+        answer = self._evalsha(self._release, [HOLDS, EXPIRY], [hold_id])
+        status, *amount = (part.decode() for part in answer)
+        if status == "unknown":
+            return None
+        return status, int(amount[0])
+
+    def hold_keys(self, request_ids: list[str]) -> dict[str, str]:
+        """The key of each of these requests that has an open hold here. Raises RedisError."""
+        if not request_ids:
+            return {}
+        found: list[bytes | None] = self.client.hmget(HOLDS, request_ids)  # type: ignore[assignment]
+        return {
+            request_id: hold.split(b" ", 2)[1].decode()
+            for request_id, hold in zip(request_ids, found, strict=True)
+            if hold is not None
+        }
+
+    def account_copy(self, account_id: str) -> tuple[int, int] | None:
+        """The balance version of the account's copy here and its open holds, read together
+        (authorize's view of the account); None if Redis has no copy. Raises RedisError."""
+        version, held = self.client.hmget(ACCOUNT_PREFIX + account_id, ["version", "held"])
+        if version is None:
+            return None
+        return int(version), int(held) if held else 0
 
     def expire(self, *, now: dt.datetime, batch: int = 1000) -> int:
         """Release every hold past its expiry; returns how many."""
@@ -209,11 +350,6 @@ class HotPath:
             count += 1
             total += int(hold.split(b" ", 3)[2])
         return count, total
-
-    def held_nanos(self, account_id: str) -> int:
-        """The account's open holds in Redis."""
-        held = self.client.hget(ACCOUNT_PREFIX + account_id, "held")
-        return int(held) if held else 0
 
     def load(self, session: Session, key_hash: str, *, now: dt.datetime) -> bool:
         """Copy the key with this hash and its account from PostgreSQL; False if no key has it

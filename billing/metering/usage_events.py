@@ -12,6 +12,7 @@ Invariants:
 - Every item of a report whose request id is already stored is judged against the stored event;
   items whose request id is new are judged against the first of them, which is stored. So each
   answer is the same whatever the order of the items.
+- A request id whose open authorize hold belongs to another key is refused as a conflict.
 - One bad item never sinks the good ones of its batch: each is judged on its own.
 - Usage of a known key is accepted whatever the key's state now: the tokens were spent upstream
   (a key revoked after its request began is still charged).
@@ -23,7 +24,7 @@ import datetime as dt
 import enum
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -214,11 +215,13 @@ def ingest(
     hmac_key: bytes,
     max_age: dt.timedelta,
     now: dt.datetime,
+    hold_keys: Callable[[list[str]], Mapping[str, str]] | None = None,
 ) -> IngestResult:
     """Validate and durably store reported events; the caller commits before answering.
 
     ``prefix_items`` names fields as ``events[i].field`` (a batch) rather than ``field``; an
-    ``occurred_at`` older than ``max_age`` is refused.
+    ``occurred_at`` older than ``max_age`` is refused; ``hold_keys`` gives the key of each
+    request id that has an open authorize hold.
     """
     result = IngestResult()
     drafts: list[Draft] = []
@@ -232,6 +235,7 @@ def ingest(
                 Rejection(index, request_id if isinstance(request_id, str) else None, error)
             )
     owners = _resolve_keys(session, drafts, hmac_key)
+    holders = hold_keys([draft.request_id for draft in drafts]) if hold_keys and drafts else {}
     # The items of each request id, in order: the first is the one that may be stored.
     groups: dict[str, list[_Owned]] = {}
     for draft in drafts:
@@ -242,7 +246,17 @@ def ingest(
             unknown = UnknownKey(f"{prefix}{which} names no key.", param=prefix + which)
             result.rejected.append(Rejection(draft.index, draft.request_id, unknown))
             continue
-        groups.setdefault(draft.request_id, []).append(_Owned(draft, *owner))
+        key_id, account_id = owner
+        if holders.get(draft.request_id, key_id) != key_id:
+            param = f"events[{draft.index}].request_id" if prefix_items else "request_id"
+            held = RequestIdConflict(
+                f"{param} {draft.request_id!r} is held by another key's authorize; request"
+                " ids are minted by the gateway, one per upstream request.",
+                param=param,
+            )
+            result.rejected.append(Rejection(draft.index, draft.request_id, held))
+            continue
+        groups.setdefault(draft.request_id, []).append(_Owned(draft, key_id, account_id))
     rows = {request_id: _row(group[0], now) for request_id, group in groups.items()}
     inserted = _insert_new(session, list(rows.values()), now=now) if rows else set()
     result.accepted += len(inserted)

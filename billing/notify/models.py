@@ -17,13 +17,20 @@ from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from billing.core.db import Base, BigIntId
+from billing.core.ids import uuid7
 
 MAX_URL_LENGTH = 2000
+
+
+def new_message_id() -> str:
+    """A new event id: ``msg_`` and the 32 hex digits of a UUIDv7, unique and time-ordered."""
+    return "msg_" + uuid7().hex
 
 
 class EventType(enum.StrEnum):
     """What an endpoint can subscribe to."""
 
+    KEY_CREATED = "key.created"
     KEY_STATE_CHANGED = "key.state_changed"
     BALANCE_LOW = "account.balance_low"
     BALANCE_DEPLETED = "account.balance_depleted"
@@ -56,21 +63,19 @@ class WebhookEvent(Base):
     __tablename__ = "webhook_events"
     __table_args__ = (
         CheckConstraint(
-            "type IN ('key.state_changed', 'account.balance_low', 'account.balance_depleted',"
-            " 'topup.succeeded', 'auto_recharge.failed')",
+            "type IN ('key.created', 'key.state_changed', 'account.balance_low',"
+            " 'account.balance_depleted', 'topup.succeeded', 'auto_recharge.failed')",
             name="type_known",
         ),
     )
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    # The public id, sent as ``webhook-id``: globally unique (``msg_`` + a UUIDv7), and the
+    # same on every attempt and replay, so receivers drop duplicates by it.
+    message_id: Mapped[str] = mapped_column(String(40), unique=True, default=new_message_id)
     type: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime]
-
-    @property
-    def message_id(self) -> str:
-        """The ``webhook-id`` header: stable across attempts and replays."""
-        return message_id(self.id)
 
 
 class WebhookDelivery(Base):
@@ -126,11 +131,6 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(String(500))
     duration_ms: Mapped[int] = mapped_column(Integer)
-
-
-def message_id(event_id: int) -> str:
-    """The public id of an event, sent as ``webhook-id``."""
-    return f"evt_{event_id}"
 
 
 def rfc3339(moment: dt.datetime) -> str:

@@ -5,6 +5,10 @@ Invariants:
   subscribed to its type, in the same transaction as the change it announces: a change that
   rolls back announces nothing, and a committed one is never lost. An event no endpoint
   subscribes to is not stored (``key_state_changes`` and the ledger keep the history).
+- Every key event carries the key's state as the gateway enforces it (``state``,
+  ``http_status``, ``code``) and its ``sequence``, which increases with each event of the key
+  (``billing.accounts.keys``): deliveries come in no guaranteed order, and a receiver keeps the
+  highest sequence it has seen per key and drops older ones.
 - Balance events compare the balance before and after each ledger entry, computed from the
   atomic increment itself, so concurrent entries each see their own crossing: the notice is
   sent once per crossing of the threshold (or of zero) from above.
@@ -13,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -64,27 +69,35 @@ def emit(
     return event
 
 
+@dataclass(frozen=True)
+class KeyEvent:
+    """What every key event's ``data`` carries: the key, its state and its sequence."""
+
+    key_id: str
+    account_id: str
+    state: str
+    http_status: int
+    code: str | None
+    """The ``error.code`` the state is refused with; None while active."""
+    sequence: int
+
+
+def announce_key_created(session: Session, key: KeyEvent, *, now: dt.datetime) -> None:
+    """Emit ``key.created``: a key was issued, in ``key.state``."""
+    emit(session, EventType.KEY_CREATED, asdict(key) | {"created_at": rfc3339(now)}, now=now)
+
+
 def announce_key_state(
-    session: Session,
-    *,
-    key_id: str,
-    account_id: str,
-    old_state: str | None,
-    new_state: str,
-    http_status: int,
-    reason: str,
-    now: dt.datetime,
+    session: Session, key: KeyEvent, *, old_state: str, reason: str, now: dt.datetime
 ) -> None:
-    """Emit ``key.state_changed`` (``old_state`` is null for a new key)."""
+    """Emit ``key.state_changed``: the key went from ``old_state`` to ``key.state``."""
     emit(
         session,
         EventType.KEY_STATE_CHANGED,
-        {
-            "key_id": key_id,
-            "account_id": account_id,
+        asdict(key)
+        | {
             "old_state": old_state,
-            "new_state": new_state,
-            "http_status": http_status,
+            "new_state": key.state,
             "reason": reason,
             "changed_at": rfc3339(now),
         },

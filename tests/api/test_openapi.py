@@ -144,3 +144,50 @@ def test_every_error_type_an_answer_can_carry_is_documented(
 def test_the_usage_report_documents_its_csv_form(document: dict[str, Any]) -> None:
     content = document["paths"]["/admin/v1/usage"]["get"]["responses"]["200"]["content"]
     assert set(content) == {"application/json", "text/csv"}
+
+
+def _schema(document: dict[str, Any], path: str, status: str) -> dict[str, Any]:
+    """The component schema a gateway route answers ``status`` with."""
+    content = document["paths"][path]["post"]["responses"][status]["content"]
+    name = content["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    schema: dict[str, Any] = document["components"]["schemas"][name]
+    return schema
+
+
+def test_the_gateway_contract_v2_is_documented(document: dict[str, Any]) -> None:
+    authorize = "/gateway/v1/authorize"
+    statuses = set(document["paths"][authorize]["post"]["responses"])
+    assert {"200", "400", "401", "402", "403", "409", "429", "451", "503"} <= statuses
+    answer = _schema(document, authorize, "200")
+    assert {
+        "max_output_tokens",
+        "clipped",
+        "state",
+        "rate_limit",
+        "monthly_cap_usd",
+        "month_spend_usd",
+    } <= set(answer["properties"]) & set(answer["required"])
+    body = document["paths"][authorize]["post"]["requestBody"]["content"]["application/json"]
+    request = document["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[-1]]
+    assert {"input_bytes", "clip"} <= set(request["properties"])
+    assert request["properties"]["clip"]["default"] is True
+
+    verify = "/gateway/v1/keys/verify"
+    assert {"200", "400", "401", "503"} <= set(document["paths"][verify]["post"]["responses"])
+    key = _schema(document, verify, "200")
+    assert set(key["properties"]["state"]["enum"]) == {
+        "active",
+        "insufficient_balance",
+        "monthly_quota_exceeded",
+        "suspended",
+    }
+    assert {"http_status", "code", "allowed_models", "rate_limit"} <= set(key["required"])
+
+    release = "/gateway/v1/holds/{hold_id}/release"
+    assert {"200", "404", "503"} <= set(document["paths"][release]["post"]["responses"])
+    released = _schema(document, release, "200")
+    assert set(released["properties"]["status"]["enum"]) == {"released", "settled", "expired"}
+    assert released["properties"]["released_usd"]["type"] == "string"
+
+    feed = document["components"]["schemas"]["KeyStateChangeOut"]
+    assert {"code", "sequence"} <= set(feed["required"])

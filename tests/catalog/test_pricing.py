@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.catalog.pricing import Cost, Price, breakdown_usd, price_usage
+from billing.catalog.pricing import (
+    Cost,
+    HoldTerms,
+    Price,
+    breakdown_usd,
+    price_usage,
+    worst_case_cost,
+)
 from billing.catalog.usage import MAX_TOKENS, TokenCounts, normalise_usage
 from billing.core.money import FEMTOS_PER_NANO, format_usd, parse_usd
 
@@ -332,3 +339,46 @@ def test_rounding_error_is_at_most_half_a_nano(counts: TokenCounts, price: Price
     assert cost.total_nanos >= 0
     assert abs(cost.total_nanos * FEMTOS_PER_NANO - exact) <= FEMTOS_PER_NANO // 2
     assert breakdown_usd(cost.parts())["total_usd"] == format_usd(cost.total_nanos)
+
+
+# Holds (HoldTerms): the worst case of a request, and the largest grant that fits a balance.
+
+
+@given(
+    _prices,
+    st.integers(0, MAX_TOKENS),
+    st.integers(1, MAX_TOKENS),
+    st.integers(1, MAX_TOKENS),
+    st.integers(-(10**6), 10**13),
+)
+def test_a_grant_is_the_most_output_that_fits(
+    price: Price, input_tokens: int, asked: int, minimum: int, available: int
+) -> None:
+    terms = HoldTerms.of(
+        price, input_tokens=input_tokens, output_tokens=asked, min_output_tokens=minimum
+    )
+    assert terms.min_output_tokens == min(minimum, asked)
+    assert terms.full_amount == worst_case_cost(
+        price, input_tokens=input_tokens, max_output_tokens=asked
+    )
+    granted = terms.grant(available)
+    if granted is None:
+        # Not even the smallest acceptable grant fits.
+        assert terms.amount(terms.min_output_tokens) > available
+        return
+    tokens, amount = granted
+    assert terms.min_output_tokens <= tokens <= asked
+    assert amount == terms.amount(tokens) <= available
+    # The most: one more token would not fit (or all that was asked is granted).
+    assert tokens == asked or terms.amount(tokens + 1) > available
+
+
+def test_a_hold_covers_its_tokens_exactly_rounded_up() -> None:
+    # 1000 input and 5125 output tokens of the lite model: 0.00039 + 0.01019875 USD.
+    terms = HoldTerms.of(LITE, input_tokens=1000, output_tokens=5125, min_output_tokens=256)
+    assert terms.full_amount == parse_usd("0.01058875")
+    # A price below a nano-dollar a token: the hold rounds up, never down.
+    tiny = HoldTerms.of(Price(1, 3), input_tokens=1, output_tokens=1, min_output_tokens=1)
+    assert tiny.full_amount == 1
+    assert tiny.most_output(0) is None  # with nothing available, not even the input fits
+    assert tiny.grant(1) == (1, 1)

@@ -24,51 +24,19 @@ from billing.core.ids import keyed_hash
 from billing.enforcement.authorize import seconds_to_next_month
 from tests.conftest import SECRET_KEY, make_settings
 from tests.enforcement.conftest import Edge, joined
-from tests.enforcement.support import new_account, rid
+from tests.enforcement.support import (
+    LITE,
+    LITE_MAX_OUTPUT,
+    UNLIMITED,
+    account_amounts,
+    authorize,
+    new_account,
+    report,
+    rid,
+    suspend,
+    worst_case,
+)
 from tests.support import assert_error, new_key
-
-# Seed prices (billing/data/prices.json, from the reseller's price list), USD per million tokens.
-LITE = "doubao-seed-2-0-lite"
-LITE_INPUT, LITE_OUTPUT = Decimal("0.39"), Decimal("1.99")
-LITE_MAX_OUTPUT = 32768
-MILLION = Decimal(1_000_000)
-UNLIMITED = "1000 per second"
-
-
-def worst_case(input_tokens: int, output_tokens: int) -> Decimal:
-    return (input_tokens * LITE_INPUT + output_tokens * LITE_OUTPUT) / MILLION
-
-
-def authorize(edge: Edge, key: str, **fields: Any) -> Any:
-    body = {"api_key": key, "model": LITE, "request_id": rid(), **fields}
-    return edge.gateway.post("/gateway/v1/authorize", json=body)
-
-
-def account_amounts(edge: Edge, account_id: str) -> tuple[Decimal, Decimal, Decimal]:
-    body = edge.admin.get(f"/admin/v1/accounts/{account_id}").get_json()
-    return (
-        Decimal(body["balance_usd"]),
-        Decimal(body["held_usd"]),
-        Decimal(body["available_usd"]),
-    )
-
-
-def report(edge: Edge, key: str, request_id: str, **counts: Any) -> None:
-    response = edge.gateway.post(
-        "/gateway/v1/usage",
-        json={"request_id": request_id, "api_key": key, "model": LITE, **counts},
-    )
-    assert response.status_code == 202, response.get_json()
-    edge.runtime.settle_pending()
-
-
-def suspend(edge: Edge, key: str) -> None:
-    for _ in range(3):
-        response = edge.gateway.post(
-            "/gateway/v1/violations",
-            json={"request_id": rid(), "api_key": key, "category": "violence"},
-        )
-        assert response.status_code == 202
 
 
 def test_allows_and_holds_the_worst_case_cost(edge: Edge) -> None:
@@ -108,8 +76,11 @@ def test_a_hold_that_does_not_fit_the_available_balance_is_refused_with_402(edge
     key = new_key(edge.admin, account_id, rate_limit=UNLIMITED)
     # 20,000 output tokens hold 0.0398: one fits, a second does not (0.0102 left).
     assert authorize(edge, key["key"], max_output_tokens=20_000).status_code == 200
-    refused = authorize(edge, key["key"], max_output_tokens=20_000)
-    assert_error(refused, 402, "insufficient_balance")
+    refused = authorize(edge, key["key"], max_output_tokens=20_000, clip=False)
+    error = assert_error(refused, 402, "hold_exceeds_available", "max_output_tokens")
+    # 0.0102 affords 5125 output tokens at $1.99 per million (5126 would hold 0.01020074).
+    assert "at most 5125 output tokens" in error["message"]
+    assert "Retry-After" not in refused.headers
     # A smaller request still fits, and the refusal changed nothing: the key stays active.
     assert authorize(edge, key["key"], max_output_tokens=5_000).status_code == 200
     assert edge.admin.get(f"/admin/v1/keys/{key['id']}").get_json()["state"] == "active"
@@ -271,7 +242,7 @@ def test_a_request_refused_for_another_reason_does_not_consume_the_rate_limit(
     refusals: dict[str, dict[str, Any]] = {
         "unknown model": {"model": "no-such-model"},
         "model not allowed": {"model": "doubao-seed-2-0-mini"},
-        "hold too large": {"max_output_tokens": 10_000_000},
+        "hold too large": {"max_output_tokens": 10_000_000, "clip": False},
     }
     assert authorize(edge, key["key"], **refusals[refusal]).status_code in (400, 402, 403)
     assert authorize(edge, key["key"], max_output_tokens=100).status_code == 200
@@ -353,7 +324,8 @@ def redis_down(edge: Edge, when_down: str) -> None:
         return
     assert first.status_code == 200
     # Holds and limits still hold: the balance, then the rate limit (in this process).
-    assert_error(authorize(edge, key["key"], max_output_tokens=20_000), 402, "insufficient_balance")
+    refused = authorize(edge, key["key"], max_output_tokens=20_000, clip=False)
+    assert_error(refused, 402, "hold_exceeds_available")
     assert_error(authorize(edge, key["key"], max_output_tokens=1_000), 429, "rate_limit_exceeded")
     assert account_amounts(edge, account_id)[1] == worst_case(0, 20_000)
 
@@ -381,14 +353,17 @@ def test_a_normal_authorize_does_not_touch_postgresql(redis_app: Flask, db: Sess
         def count(*args: Any) -> None:
             statements.append(args[2])
 
-        event.listen(edge.runtime.engine, "before_cursor_execute", count)
+        engine = db.get_bind().engine  # where the requests' sessions run (see joined)
+        event.listen(engine, "before_cursor_execute", count)
         try:
             allowed = authorize(edge, key["key"], max_output_tokens=100)
-            refused = authorize(edge, key["key"], max_output_tokens=10**8)
+            clipped = authorize(edge, key["key"], max_output_tokens=10**7)
+            refused = authorize(edge, key["key"], max_output_tokens=10**8, clip=False)
         finally:
-            event.remove(edge.runtime.engine, "before_cursor_execute", count)
+            event.remove(engine, "before_cursor_execute", count)
         assert allowed.status_code == 200
-        assert_error(refused, 402, "insufficient_balance")
+        assert clipped.get_json()["clipped"] is True
+        assert_error(refused, 402, "hold_exceeds_available")
         assert statements == []
 
 

@@ -1,7 +1,8 @@
 """The state table (``billing.accounts.key_states``) is the one statement of key-state
-precedence: ``derive_state`` walks it, and both places authorize can run, the Redis script
-(``billing/enforcement/lua/authorize.lua``) and PostgreSQL (``authorize.PostgresHolds``),
-answer as it says for every row and every pair of rows, however each row comes to apply."""
+precedence: ``derive_state`` walks its key-state rows, and both places authorize can run, the
+Redis script (``billing/enforcement/lua/authorize.lua``) and PostgreSQL
+(``billing.enforcement.postgres``), answer as it says for every row and every pair of rows,
+however each row comes to apply."""
 
 from __future__ import annotations
 
@@ -18,23 +19,20 @@ from sqlalchemy.orm import Session
 
 from billing.accounts import rollups
 from billing.accounts.accounts import Account
-from billing.accounts.key_states import ENFORCEMENT, STATE_TABLE, KeyState
+from billing.accounts.key_states import ENFORCEMENT, STATE_TABLE, KeyState, RequestRefusal, Row
 from billing.accounts.keys import ApiKey, derive_state
 from billing.accounts.rollups import KeyMonthSpend
+from billing.catalog.pricing import HoldTerms
 from billing.core.db import utcnow
 from billing.core.effects import AccountSnapshot
 from billing.core.settings import Settings
 from billing.enforcement import mirror
-from billing.enforcement.authorize import (
-    Authorizer,
-    AuthorizeRequest,
-    PostgresHolds,
-    RateLimits,
-    Refused,
-)
+from billing.enforcement.authorize import Authorizer, AuthorizeRequest, Refused
 from billing.enforcement.hotpath import HoldRequest, HotPath, Verdict
+from billing.enforcement.postgres import PostgresHolds
+from billing.enforcement.rate_limits import RateLimits
 
-AMOUNT = 100  # the hold each authorize asks for
+AMOUNT = 100  # the output tokens each authorize asks for, at a nano-dollar each
 CAP = 1000
 
 
@@ -49,7 +47,8 @@ class Scenario:
     cap: int | None = None
     spend: int = 0
     key_held: int = 0
-    rows: set[KeyState] = field(default_factory=set)
+    output_tokens: int = AMOUNT
+    rows: set[Row] = field(default_factory=set)
 
 
 def _stored(state: KeyState) -> tuple[str, dict[str, object]]:
@@ -62,7 +61,7 @@ def _stored(state: KeyState) -> tuple[str, dict[str, object]]:
 
 # Every way a row can apply to a key that Redis and PostgreSQL both see: its stored state, or
 # the facts authorize reads itself (the clock, the balance and holds, the month's spend).
-WAYS: dict[KeyState, list[tuple[str, dict[str, object]]]] = {
+WAYS: dict[Row, list[tuple[str, dict[str, object]]]] = {
     KeyState.REVOKED: [_stored(KeyState.REVOKED)],
     KeyState.DISABLED: [_stored(KeyState.DISABLED)],
     KeyState.EXPIRED: [_stored(KeyState.EXPIRED), ("clock", {"expired": True})],
@@ -70,15 +69,18 @@ WAYS: dict[KeyState, list[tuple[str, dict[str, object]]]] = {
     KeyState.INSUFFICIENT_BALANCE: [
         _stored(KeyState.INSUFFICIENT_BALANCE),
         ("spent", {"balance": 0}),
-        ("held", {"balance": 1000, "held": 950}),
+        ("held", {"balance": 1000, "held": 1000}),
     ],
+    # All or nothing (the clipped hold is tested in test_clipping): more than the balance.
+    RequestRefusal.HOLD_EXCEEDS_AVAILABLE: [("asks too much", {"output_tokens": 20_000})],
     KeyState.MONTHLY_QUOTA_EXCEEDED: [
         _stored(KeyState.MONTHLY_QUOTA_EXCEEDED),
         ("spent", {"cap": CAP, "spend": CAP}),
-        ("held", {"cap": CAP, "held": 950, "key_held": 950}),
+        # The key's own holds (the account's are left to the rows above).
+        ("held", {"cap": CAP, "key_held": 950}),
     ],
 }
-assert set(WAYS) | {KeyState.ACTIVE} == set(KeyState)
+assert set(WAYS) | {KeyState.ACTIVE} == {row.state for row in STATE_TABLE}
 
 
 def _cases() -> Iterator[object]:
@@ -96,7 +98,7 @@ def _cases() -> Iterator[object]:
 CASES = list(_cases())
 
 
-def scenario(conditions: tuple[tuple[KeyState, str], ...]) -> Scenario:
+def scenario(conditions: tuple[tuple[Row, str], ...]) -> Scenario:
     built = Scenario()
     for state, how in conditions:
         for key, value in dict(WAYS[state])[how].items():
@@ -138,15 +140,16 @@ def build(built: Scenario, now: dt.datetime) -> tuple[Account, ApiKey]:
     return account, key
 
 
-def hold(key: ApiKey, now: dt.datetime) -> HoldRequest:
+def hold(key: ApiKey, built: Scenario, now: dt.datetime) -> HoldRequest:
+    tokens = built.output_tokens
     return HoldRequest(
         key_hash=key.key_hash,
         model_id=None,
-        amount_nanos=AMOUNT,
         request_id=f"req-{uuid.uuid4()}",
         hold_id=f"hold_{uuid.uuid4().hex}",
         now=now,
         expires_at=now + dt.timedelta(minutes=10),
+        terms=HoldTerms(0, 1_000_000, tokens, tokens),
     )
 
 
@@ -160,7 +163,7 @@ def client(redis_settings: Settings) -> Iterator[redis.Redis]:
 
 @pytest.mark.parametrize("conditions", CASES)
 def test_the_redis_script_answers_as_the_table(
-    client: redis.Redis, conditions: tuple[tuple[KeyState, str], ...]
+    client: redis.Redis, conditions: tuple[tuple[Row, str], ...]
 ) -> None:
     built, now = scenario(conditions), utcnow()
     account, key = build(built, now)
@@ -171,14 +174,14 @@ def test_the_redis_script_answers_as_the_table(
         spend = {key.id: (rollups.month_key(now), built.spend)} if built.cap is not None else {}
         hotpath.publish({account.id: AccountSnapshot(1, built.balance, spend)}, [])
         client.hset(names[2], mapping={"held": built.held, f"kheld:{key.id}": built.key_held})
-        assert hotpath.authorize(hold(key, now)).verdict == expected(built)
+        assert hotpath.authorize(hold(key, built, now)).verdict == expected(built)
     finally:
         client.delete(*names)
 
 
 @pytest.mark.parametrize("conditions", CASES)
 def test_postgresql_answers_as_the_table(
-    db: Session, conditions: tuple[tuple[KeyState, str], ...]
+    db: Session, conditions: tuple[tuple[Row, str], ...]
 ) -> None:
     built, now = scenario(conditions), utcnow()
     account, key = build(built, now)
@@ -192,7 +195,7 @@ def test_postgresql_answers_as_the_table(
         )
         db.flush()
     holds = PostgresHolds(db, RateLimits(MemoryStorage()))
-    assert holds.authorize(hold(key, now)).verdict == expected(built)
+    assert holds.authorize(hold(key, built, now)).verdict == expected(built)
 
 
 # The facts derive_state reads, one per row: set on a capped key with money left.
@@ -230,7 +233,7 @@ def test_derive_state_takes_the_first_row_the_facts_call_for(rows: tuple[KeyStat
 @pytest.mark.parametrize(
     "state", [row.state for row in STATE_TABLE if row.state is not KeyState.ACTIVE]
 )
-def test_a_refused_state_is_answered_with_its_row(state: KeyState) -> None:
+def test_a_refused_state_is_answered_with_its_row(state: Row) -> None:
     authorizer = Authorizer(
         hmac_key=b"table",
         hold_ttl=dt.timedelta(minutes=10),
@@ -240,20 +243,26 @@ def test_a_refused_state_is_answered_with_its_row(state: KeyState) -> None:
         fallback_rate_limits=RateLimits(MemoryStorage()),
     )
     request = AuthorizeRequest(api_key="sk-table", model="m", request_id="req-table")
+    _, key = build(Scenario(), utcnow())
+    verdict = Verdict(state.value, "key", "acct", affordable_tokens=812)
     with pytest.raises(Refused) as refused:
         authorizer._decide(
-            Verdict(state.value, "key", "acct"), authorizer.rate_limits, request, utcnow()
+            verdict, authorizer.rate_limits, request, hold(key, Scenario(), utcnow()), utcnow()
         )
     enforcement = ENFORCEMENT[state]
+    assert enforcement.message is not None
     assert (
         refused.value.status,
         refused.value.code,
         refused.value.type,
         refused.value.message,
+        refused.value.param,
     ) == (
         enforcement.http_status,
         enforcement.code,
         enforcement.type,
-        enforcement.message,
+        enforcement.message.format(tokens=812),
+        enforcement.param,
     )
+    assert ("812" in refused.value.message) == (state is RequestRefusal.HOLD_EXCEEDS_AVAILABLE)
     assert (refused.value.retry_after is not None) == (state is KeyState.MONTHLY_QUOTA_EXCEEDED)

@@ -63,5 +63,5 @@ def test_the_cli_delivers_on_the_embedded_default(tmp_path: Path, receiver: Rece
     [request] = receiver.requests()
     assert request.error is None
     assert request.data["key_id"] == key.id
-    assert request.data["new_state"] == "insufficient_balance"
+    assert request.data["state"] == "insufficient_balance"
     assert "0 webhook attempt(s) made" in run("webhooks", "deliver", env=env).output

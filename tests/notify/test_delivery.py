@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -56,24 +57,33 @@ def delivery_of(admin: FlaskClient, endpoint_id: str, *, index: int = 0) -> dict
 def test_a_key_flipped_to_402_by_settlement_is_announced_signed(
     admin: FlaskClient, gateway: FlaskClient, runtime: Runtime, receiver: Receiver
 ) -> None:
-    register(admin, receiver, ["key.state_changed"])
+    register(admin, receiver, ["key.created", "key.state_changed"])
     account_id = new_account(admin, credit="0.001")
     key_id = new_key(admin, account_id)
     report_usage(gateway, key_id, *OVERDRAW)  # settled in-process (embedded), balance < 0
 
-    assert deliver(runtime) == 2  # the new key's first state, then the flip
-    changes = key_changes(receiver.requests(), key_id)
-    assert [(c["old_state"], c["new_state"]) for c in changes] == [
-        (None, "active"),
-        ("active", "insufficient_balance"),
-    ]
-    flip = changes[1]
+    assert deliver(runtime) == 2  # the new key, then the flip
+    created, changed = receiver.requests()
+    assert created.type == "key.created"
+    assert created.data == {
+        "key_id": key_id,
+        "account_id": account_id,
+        "state": "active",
+        "http_status": 200,
+        "code": None,
+        "sequence": 1,
+        "created_at": created.data["created_at"],
+    }
+    [flip] = key_changes(receiver.requests(), key_id)
     assert flip == {
         "key_id": key_id,
         "account_id": account_id,
+        "state": "insufficient_balance",
+        "http_status": 402,
+        "code": "insufficient_balance",
+        "sequence": 2,
         "old_state": "active",
         "new_state": "insufficient_balance",
-        "http_status": 402,
         "reason": "usage settled",
         "changed_at": flip["changed_at"],
     }
@@ -81,13 +91,18 @@ def test_a_key_flipped_to_402_by_settlement_is_announced_signed(
     assert abs(utcnow() - changed_at) < dt.timedelta(minutes=1)
     assert flip["changed_at"].endswith("Z")
 
-    request = receiver.requests()[1]
+    request = changed
     assert request.error is None and request.answered == 200
     assert request.headers["content-type"] == "application/json"
     body = body_json(request)
     assert set(body) == {"type", "timestamp", "data"}
     assert body["type"] == "key.state_changed"
-    assert request.headers["webhook-id"].startswith("evt_")
+    # Globally unique event ids: msg_ and a UUIDv7, one per event.
+    ids = [r.headers["webhook-id"] for r in (created, changed)]
+    assert len(set(ids)) == 2
+    for message_id in ids:
+        assert message_id.startswith("msg_")
+        assert uuid.UUID(hex=message_id.removeprefix("msg_")).version == 7
     assert abs(time.time() - int(request.headers["webhook-timestamp"])) < 60
     assert request.headers["webhook-signature"].startswith("v1,")
 
@@ -134,7 +149,7 @@ def test_every_request_verifies_and_a_tampered_one_does_not(
 def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt(
     admin: FlaskClient, runtime: Runtime, receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     receiver.script = [500, 500]
     schedule = (0.3, 0.3)
     key_id = new_key(admin, new_account(admin))
@@ -176,7 +191,7 @@ def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt(
 def test_a_delivery_fails_when_the_schedule_runs_out(
     admin: FlaskClient, runtime: Runtime, receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     receiver.script = [503] * 10
     new_key(admin, new_account(admin))
 
@@ -192,7 +207,7 @@ def test_a_delivery_fails_when_the_schedule_runs_out(
 def test_an_unreachable_receiver_is_logged_as_an_error(
     admin: FlaskClient, runtime: Runtime, receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     receiver.server.shutdown()
     receiver.server.server_close()  # nothing listens on the port any more
     new_key(admin, new_account(admin))
@@ -208,7 +223,7 @@ def test_an_unreachable_receiver_is_logged_as_an_error(
 def test_a_redirect_is_a_failure_and_is_not_followed(
     admin: FlaskClient, runtime: Runtime, receiver: Receiver, second_receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     receiver.script = [307]
     receiver.redirect_to = second_receiver.url
     new_key(admin, new_account(admin))
@@ -223,7 +238,7 @@ def test_a_redirect_is_a_failure_and_is_not_followed(
 def test_replay_redelivers_the_same_signed_event(
     admin: FlaskClient, runtime: Runtime, receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     new_key(admin, new_account(admin))
     assert deliver(runtime) == 1
     original = delivery_of(admin, endpoint_id)
@@ -259,8 +274,9 @@ def test_endpoints_get_only_the_event_types_they_subscribed_to(
     report_usage(gateway, key_id, *OVERDRAW)
     deliver(runtime)
 
-    assert {r.type for r in receiver.requests()} == {"key.state_changed"}
-    assert len(key_changes(receiver.requests(), key_id)) == 2
+    # Not the key's creation (key.created): only its change to 402.
+    assert [r.type for r in receiver.requests()] == ["key.state_changed"]
+    assert len(key_changes(receiver.requests(), key_id)) == 1
     [depleted] = second_receiver.requests()
     assert depleted.type == "account.balance_depleted"
     assert depleted.data == {
@@ -352,10 +368,10 @@ def test_a_rolled_back_change_announces_nothing(db: Session, runtime: Runtime) -
 def test_the_body_is_compact_json_with_the_event_created_at(
     admin: FlaskClient, runtime: Runtime, receiver: Receiver
 ) -> None:
-    register(admin, receiver, ["key.state_changed"])
+    register(admin, receiver, ["key.created"])
     new_key(admin, new_account(admin))
     deliver(runtime)
     [request] = receiver.requests()
     body = body_json(request)
     assert request.body == json.dumps(body, separators=(",", ":")).encode()
-    assert body["timestamp"] == body["data"]["changed_at"]
+    assert body["timestamp"] == body["data"]["created_at"]

@@ -21,6 +21,7 @@ ALL_TYPES = [
     "account.balance_depleted",
     "account.balance_low",
     "auto_recharge.failed",
+    "key.created",
     "key.state_changed",
     "topup.succeeded",
 ]
@@ -69,6 +70,10 @@ def test_event_types_are_a_subset_of_the_known_ones(admin: FlaskClient) -> None:
     )
     assert response.status_code == 201
     assert response.get_json()["event_types"] == ["key.state_changed"]
+    # Every known type may be named, the payment ones and key.created too.
+    every = admin.post(ENDPOINTS, json={"url": "https://gw.example.com", "event_types": ALL_TYPES})
+    assert every.status_code == 201, every.get_json()
+    assert every.get_json()["event_types"] == ALL_TYPES
 
     unknown = admin.post(
         ENDPOINTS, json={"url": "https://gw.example.com/h", "event_types": ["key.deleted"]}
@@ -102,9 +107,9 @@ def test_unknown_fields_are_refused(admin: FlaskClient) -> None:
 def test_a_disabled_endpoint_gets_nothing_new_and_its_pending_deliveries_fail(
     admin: FlaskClient, db: Session, receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     account_id = new_account(admin)
-    new_key(admin, account_id)  # a new key announces its first state
+    new_key(admin, account_id)  # a new key is announced
     [pending] = admin.get(f"{ENDPOINTS}/{endpoint_id}/deliveries").get_json()["data"]
     assert pending["status"] == "pending"
 
@@ -129,15 +134,15 @@ def test_a_disabled_endpoint_gets_nothing_new_and_its_pending_deliveries_fail(
 def test_deliveries_are_listed_newest_first_with_a_cursor_and_a_status_filter(
     admin: FlaskClient, receiver: Receiver
 ) -> None:
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     account_id = new_account(admin)
     for _ in range(3):
         new_key(admin, account_id)
     first = admin.get(f"{ENDPOINTS}/{endpoint_id}/deliveries?limit=2").get_json()
     assert [item["status"] for item in first["data"]] == ["pending", "pending"]
     assert first["data"][0]["id"] > first["data"][1]["id"]
-    assert first["data"][0]["event_type"] == "key.state_changed"
-    assert first["data"][0]["event_id"].startswith("evt_")
+    assert first["data"][0]["event_type"] == "key.created"
+    assert first["data"][0]["event_id"].startswith("msg_")
     rest = admin.get(
         f"{ENDPOINTS}/{endpoint_id}/deliveries?limit=2&cursor={first['next_cursor']}"
     ).get_json()

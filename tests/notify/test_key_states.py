@@ -83,10 +83,15 @@ def test_changes_are_listed_in_order_with_their_http_status(
         "old_state": None,
         "new_state": "insufficient_balance",
         "http_status": 402,
+        "code": "insufficient_balance",
+        "sequence": 1,
         "reason": "created",
         "changed_at": start.isoformat().replace("+00:00", "Z"),
     }
     assert [item["reason"] for item in mine[1:]] == ["adjustment credit", "revoked by an operator"]
+    # The sequence of the key's webhooks, so a gateway can merge the feed with them.
+    assert [item["sequence"] for item in mine] == [1, 2, 3]
+    assert [item["code"] for item in mine] == ["insufficient_balance", None, "invalid_api_key"]
     ids = [item["id"] for item in items]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 

@@ -124,7 +124,7 @@ def test_a_worker_retries_on_the_configured_schedule_until_the_receiver_takes_it
     receiver: Receiver,
 ) -> None:
     admin = client_with(redis_app, ADMIN_TOKEN)
-    endpoint_id = register(admin, receiver, ["key.state_changed"])
+    endpoint_id = register(admin, receiver, ["key.created"])
     receiver.script = [500, 500]
     new_key(admin, new_account(admin))
 

@@ -19,7 +19,6 @@ from billing.notify.models import (
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
-    message_id,
 )
 
 TAGS = [Tag(name="Webhooks")]
@@ -122,7 +121,7 @@ def webhook_endpoint_with_secret(row: WebhookEndpoint, secret: str) -> WebhookEn
 def webhook_delivery(row: WebhookDelivery) -> WebhookDeliveryOut:
     return WebhookDeliveryOut(
         id=row.id,
-        event_id=message_id(row.event_id),
+        event_id=row.event.message_id,
         event_type=row.event.type,
         endpoint_id=row.endpoint_id,
         status=row.status,
@@ -143,7 +142,7 @@ def webhook_delivery_detail(
     return WebhookDeliveryDetail(
         **webhook_delivery(row).model_dump(),
         event=WebhookEventOut(
-            id=message_id(event.id),
+            id=event.message_id,
             type=event.type,
             data=event.payload,
             created_at=event.created_at,

@@ -1,6 +1,7 @@
 -- ARGV[1]: {"accounts": [[id, version, balance, {key id: "YYYY-MM spend"}], ...],
---           "released": [request id, ...]}. Copies each balance unless a newer one is there,
--- and releases the holds of the requests, in one atomic step.
+--           "released": [request id, ...], "status": "settled" | "released"}. Copies each
+-- balance unless a newer one is there, and releases the holds of the requests, in one atomic
+-- step.
 local doc = cjson.decode(ARGV[1])
 for _, account in ipairs(doc.accounts) do
   local name = 'billing:acct:' .. account[1]
@@ -11,5 +12,5 @@ for _, account in ipairs(doc.accounts) do
   end
 end
 local released = 0
-for _, rid in ipairs(doc.released) do released = released + release(rid) end
+for _, rid in ipairs(doc.released) do released = released + release(rid, doc.status) end
 return released
