@@ -101,8 +101,7 @@ class AuthorizeFastPath:
             scheme.lower() != "bearer"
             or self.runtime.gateway_actors.cached(token.strip(), role=Role.GATEWAY) is None
             # An address over the failed-authentication limit: the route answers its 429.
-            or self.runtime.auth_failures.retry_after(Role.GATEWAY, address_of(environ))
-            is not None
+            or self.runtime.auth_failures.retry_after(Role.GATEWAY, address_of(environ)) is not None
         ):
             return False
         length = environ.get("CONTENT_LENGTH") or ""
