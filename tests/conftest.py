@@ -157,11 +157,9 @@ def gateway(app: Flask, db: Session) -> FlaskClient:
     return client_with(app, GATEWAY_TOKEN)
 
 
-@pytest.fixture
-def committed(runtime: Runtime) -> Iterator[Engine]:
-    """For tests whose data must be seen by other processes: commits for real, then cleans up."""
-    yield runtime.engine
-    with runtime.engine.begin() as connection:
+def truncate_committed(engine: Engine) -> None:
+    """Remove what tests committed for real (the price table stays)."""
+    with engine.begin() as connection:
         connection.execute(
             text(
                 "TRUNCATE usage_rollups, usage_events, audit_log, key_state_changes,"
@@ -170,6 +168,13 @@ def committed(runtime: Runtime) -> Iterator[Engine]:
                 " RESTART IDENTITY CASCADE"
             )
         )
+
+
+@pytest.fixture
+def committed(runtime: Runtime) -> Iterator[Engine]:
+    """For tests whose data must be seen by other processes: commits for real, then cleans up."""
+    yield runtime.engine
+    truncate_committed(runtime.engine)
 
 
 @pytest.fixture(scope="session")
