@@ -29,11 +29,13 @@ class Api(enum.Enum):
 
     @property
     def input_fields(self) -> tuple[str, ...]:
-        return self.value[0]
+        fields: tuple[str, ...] = self.value[0]
+        return fields
 
     @property
     def cap_field(self) -> str:
-        return self.value[1]
+        field: str = self.value[1]
+        return field
 
 
 # The last path segments of each billed API, however LiteLLM's route spells the prefix

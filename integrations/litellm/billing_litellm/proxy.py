@@ -160,7 +160,7 @@ def _logged_grant(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
     return _grant(metadata.get("user_api_key_metadata") if isinstance(metadata, Mapping) else None)
 
 
-class BillingLogger(CustomLogger):  # type: ignore[misc]  # litellm's class is untyped
+class BillingLogger(CustomLogger):
     """Caps the upstream request, reports its usage, releases its hold when it fails."""
 
     async def async_pre_call_hook(

@@ -93,17 +93,23 @@ class Proxy:
             self.process.wait(timeout=10)
 
 
+def proxy_command(config: dict[str, Any], *, port: int, workdir: Path, name: str) -> list[str]:
+    """The command line of ``litellm`` serving ``config`` (written to ``workdir``) on
+    127.0.0.1:``port``, with one worker."""
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = [str(BIN / "litellm"), "--config", str(config_path), "--host", "127.0.0.1"]
+    return [*command, "--port", str(port)]
+
+
 def start_proxy(
     config: dict[str, Any], *, port: int, env: dict[str, str], workdir: Path, name: str = "litellm"
 ) -> Proxy:
-    """Start ``litellm --config`` on 127.0.0.1:``port`` (one worker); not waiting for it."""
-    config_path = workdir / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    """Start ``litellm`` (see ``proxy_command``), not waiting for it to answer."""
     log = workdir / f"{name}.log"
-    command = [str(BIN / "litellm"), "--config", str(config_path), "--host", "127.0.0.1"]
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [*command, "--port", str(port)],
+            proxy_command(config, port=port, workdir=workdir, name=name),
             cwd=workdir,
             env=env,
             stdout=out,

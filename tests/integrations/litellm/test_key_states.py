@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -119,7 +120,7 @@ def test_the_poller_reads_the_feed_to_its_end_and_resumes_from_its_cursor(
     }
     asked: list[str | None] = []
 
-    def fetch(cursor: str | None) -> tuple[list[dict[str, Any]], str, bool]:
+    def fetch(cursor: str | None) -> tuple[list[Mapping[str, Any]], str, bool]:
         asked.append(cursor)
         items, next_cursor, more = pages[cursor]
         return (

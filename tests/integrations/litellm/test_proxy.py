@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integrations.litellm.conftest import Customer, Stack
 from tests.integrations.litellm.upstream import FAIL_MARKER
@@ -24,7 +25,9 @@ MINI, LITE, CODE = "doubao-seed-2-0-mini", "doubao-seed-2-0-lite", "doubao-seed-
 # Seed 000, USD per million tokens (input, output). The seed names no cached or reasoning
 # price: DESIGN section 4 prices them at the input and output prices.
 SEED_PRICES = {MINI: ("0.14", "0.69"), LITE: ("0.39", "1.99"), CODE: ("1.49", "6.99")}
-HELLO = [{"role": "user", "content": "Write a haiku about the ocean"}]
+HELLO: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Write a haiku about the ocean"}
+]
 
 
 def expected_nanos(model: str, counts: tuple[int, int, int, int]) -> int:
@@ -151,7 +154,9 @@ def test_a_rate_limited_key_gets_429_with_retry_after(stack: Stack) -> None:
 
 def test_an_upstream_failure_releases_the_hold(stack: Stack) -> None:
     customer = stack.customer("5.00")
-    failing = [{"role": "user", "content": f"{FAIL_MARKER} Write a haiku"}]
+    failing: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": f"{FAIL_MARKER} Write a haiku"}
+    ]
 
     with pytest.raises(openai.InternalServerError):
         stack.client(customer).chat.completions.create(model=MINI, messages=failing)
@@ -165,20 +170,20 @@ def test_an_upstream_failure_releases_the_hold(stack: Stack) -> None:
     assert all(not event.cost_nanos for event in stack.events(customer.key_id))
 
 
-def webhook_delivered(stack: Stack, key_id: str, state: str) -> bool:
-    """Whether the proxy has acknowledged a webhook telling that ``key_id`` went to ``state``."""
-    return bool(
-        rows(
-            stack.engine,
-            "SELECT 1 FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id"
-            " WHERE d.endpoint_id = :endpoint AND d.status = 'succeeded'"
-            " AND e.payload->>'key_id' = :key_id"
-            " AND coalesce(e.payload->>'state', e.payload->>'new_state') = :state",
-            endpoint=stack.webhook_endpoint_id,
-            key_id=key_id,
-            state=state,
-        )
+def delivered(stack: Stack, key_id: str, state: str) -> list[int]:
+    """The ids of the events telling that ``key_id`` went to ``state`` which the proxy has
+    acknowledged, in order."""
+    found = rows(
+        stack.engine,
+        "SELECT e.id FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id"
+        " WHERE d.endpoint_id = :endpoint AND d.status = 'succeeded'"
+        " AND e.payload->>'key_id' = :key_id"
+        " AND coalesce(e.payload->>'state', e.payload->>'new_state') = :state ORDER BY e.id",
+        endpoint=stack.webhook_endpoint_id,
+        key_id=key_id,
+        state=state,
     )
+    return [event_id for (event_id,) in found]
 
 
 def test_a_revoked_key_is_refused_from_the_cache_once_the_webhook_arrives(stack: Stack) -> None:
@@ -188,7 +193,7 @@ def test_a_revoked_key_is_refused_from_the_cache_once_the_webhook_arrives(stack:
 
     response = stack.billing.admin("POST", f"/keys/{customer.key_id}/revoke")
     assert response.status_code == 200, response.text
-    wait_until(lambda: webhook_delivered(stack, customer.key_id, "revoked"), "the webhook")
+    wait_until(lambda: delivered(stack, customer.key_id, "revoked"), "the webhook")
 
     with pytest.raises(openai.AuthenticationError) as caught:
         client.chat.completions.create(model=MINI, messages=HELLO)
@@ -201,12 +206,12 @@ def test_a_spent_key_is_refused_from_the_cache_until_a_top_up_reopens_it(stack: 
     # upstream bills reasoning beyond max_tokens, so settlement takes the balance below zero.
     customer = stack.customer("0.000005")
     client = stack.client(customer)
-    short = [{"role": "user", "content": "hi"}]
+    short: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     client.chat.completions.create(model=MINI, messages=short, max_tokens=1)
     settled(stack, customer)
     assert stack.account(customer.account_id)["balance_usd"].startswith("-")
-    wait_until(
-        lambda: webhook_delivered(stack, customer.key_id, "insufficient_balance"), "the webhook"
+    spent = wait_until(
+        lambda: delivered(stack, customer.key_id, "insufficient_balance"), "the webhook"
     )
 
     with pytest.raises(openai.APIStatusError) as caught:
@@ -222,7 +227,10 @@ def test_a_spent_key_is_refused_from_the_cache_until_a_top_up_reopens_it(stack: 
         headers={"Idempotency-Key": f"top-up-{customer.key_id}"},
     )
     assert response.status_code == 201, response.text
-    wait_until(lambda: webhook_delivered(stack, customer.key_id, "active"), "the webhook")
+    wait_until(
+        lambda: max(delivered(stack, customer.key_id, "active"), default=0) > spent[-1],
+        "the next webhook",
+    )
     completion = client.chat.completions.create(model=MINI, messages=short, max_tokens=1)
     assert completion.usage is not None
 
@@ -285,8 +293,11 @@ def test_a_small_balance_is_served_with_clipped_max_tokens_until_spent(stack: St
     max_tokens: int | None = None
     while True:
         try:
-            limit = {} if max_tokens is None else {"max_tokens": max_tokens}
-            client.chat.completions.create(model=MINI, messages=HELLO, **limit)
+            client.chat.completions.create(
+                model=MINI,
+                messages=HELLO,
+                max_tokens=openai.omit if max_tokens is None else max_tokens,
+            )
         except openai.APIStatusError as refused:
             assert refused.status_code == 402, refused.body
             if refused.code == "insufficient_balance":
@@ -325,7 +336,7 @@ def test_the_answer_carries_the_keys_rate_limit_and_the_request_id(stack: Stack)
     raw = stack.client(customer).chat.completions.with_raw_response.create(
         model=MINI, messages=HELLO
     )
-    assert raw.headers["x-ratelimit-limit-requests"] == "5"
-    assert raw.headers["x-ratelimit-remaining-requests"] == "4"
     (event,) = settled(stack, customer)
     assert raw.headers["x-billing-request-id"] == event.request_id
+    assert raw.headers["x-ratelimit-limit-requests"] == "5"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "4"
