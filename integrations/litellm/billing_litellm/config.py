@@ -40,6 +40,9 @@ class Config:
         path = env.get("BILLING_WEBHOOK_PATH", cls.webhook_path)
         if not path.startswith("/"):
             raise ConfigError("BILLING_WEBHOOK_PATH must start with '/'.")
+        timeout = _number(env, "BILLING_TIMEOUT_SECONDS", cls.timeout_seconds, float)
+        if timeout <= 0:
+            raise ConfigError("BILLING_TIMEOUT_SECONDS must be more than 0.")
         batch_max = _number(env, "BILLING_USAGE_BATCH_MAX", cls.batch_max, int)
         if not 1 <= batch_max <= 1000:
             raise ConfigError("BILLING_USAGE_BATCH_MAX must be between 1 and 1000.")
@@ -48,7 +51,7 @@ class Config:
             gateway_token=_required(env, "BILLING_GATEWAY_TOKEN"),
             webhook_secret=env.get("BILLING_WEBHOOK_SECRET") or None,
             webhook_path=path,
-            timeout_seconds=_number(env, "BILLING_TIMEOUT_SECONDS", cls.timeout_seconds, float),
+            timeout_seconds=timeout,
             flush_interval_seconds=_number(env, "BILLING_USAGE_FLUSH_MS", 200, int) / 1000,
             batch_max=batch_max,
             retry_max_seconds=_number(

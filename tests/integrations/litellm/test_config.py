@@ -55,6 +55,7 @@ def test_every_setting_is_read() -> None:
         (BASE | {"BILLING_USAGE_BATCH_MAX": "1001"}, "BILLING_USAGE_BATCH_MAX"),
         (BASE | {"BILLING_USAGE_FLUSH_MS": "soon"}, "BILLING_USAGE_FLUSH_MS"),
         (BASE | {"BILLING_TIMEOUT_SECONDS": "-1"}, "BILLING_TIMEOUT_SECONDS"),
+        (BASE | {"BILLING_TIMEOUT_SECONDS": "0"}, "BILLING_TIMEOUT_SECONDS"),
         (BASE | {"BILLING_WEBHOOK_PATH": "hooks"}, "BILLING_WEBHOOK_PATH"),
     ],
 )

@@ -9,6 +9,7 @@ holds, ``/keys/verify``, the rate limit in authorize's answer).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.integrations.litellm.conftest import Customer, Stack
+from tests.integrations.litellm.stack import MASTER_KEY
 from tests.integrations.litellm.upstream import FAIL_MARKER
 from tests.reliability.conftest import rows, wait_until
 
@@ -271,6 +273,38 @@ def test_routes_that_are_not_billed_are_refused_to_customer_keys(stack: Stack) -
     assert caught.value.code == "unsupported_route"
 
 
+def test_the_master_key_opens_litellms_own_routes_but_no_billed_one(stack: Stack) -> None:
+    health = httpx.get(
+        f"{stack.proxy.base}/v1/models", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    )
+    assert health.status_code == 200, health.text
+    admin = Customer("", "", MASTER_KEY)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        stack.client(admin).chat.completions.create(model=MINI, messages=HELLO)
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_a_request_naming_no_model_is_refused_before_billing(stack: Stack) -> None:
+    customer = stack.customer("5.00")
+    answer = httpx.post(
+        f"{stack.proxy.base}/v1/chat/completions",
+        json={"messages": HELLO},
+        headers={"Authorization": f"Bearer {customer.key}"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "model"
+    assert stack.events(customer.key_id) == []
+
+
+def test_the_answer_names_the_billing_request_id(stack: Stack) -> None:
+    customer = stack.customer("5.00")
+    raw = stack.client(customer).chat.completions.with_raw_response.create(
+        model=MINI, messages=HELLO
+    )
+    (event,) = settled(stack, customer)
+    assert raw.headers["x-billing-request-id"] == event.request_id
+
+
 def test_a_client_request_id_is_never_used_as_the_billing_request_id(stack: Stack) -> None:
     customer = stack.customer("5.00")
     client = stack.client(customer)
@@ -304,7 +338,10 @@ def test_a_small_balance_is_served_with_clipped_max_tokens_until_spent(stack: St
                 break
             # Told the most it can afford, the client asks for that much.
             assert refused.code == "hold_exceeds_available" and refused.param == "max_output_tokens"
-            max_tokens = int(str(refused.message).split("at most ")[1].split()[0])
+            assert isinstance(refused.body, dict)
+            affordable = re.search(r"at most (\d+) output tokens", str(refused.body["message"]))
+            assert affordable, refused.body
+            max_tokens = int(affordable[1])
             assert max_tokens > 0
             continue
         sent = stack.upstream.bodies("/v1/chat/completions")[-1]
@@ -331,12 +368,10 @@ def test_the_model_list_checks_the_key_without_a_hold(stack: Stack) -> None:
     assert caught.value.code == "invalid_api_key"
 
 
-def test_the_answer_carries_the_keys_rate_limit_and_the_request_id(stack: Stack) -> None:
+def test_the_answer_carries_the_keys_rate_limit(stack: Stack) -> None:
     customer = stack.customer("5.00", rate_limit="5 per minute")
     raw = stack.client(customer).chat.completions.with_raw_response.create(
         model=MINI, messages=HELLO
     )
-    (event,) = settled(stack, customer)
-    assert raw.headers["x-billing-request-id"] == event.request_id
     assert raw.headers["x-ratelimit-limit-requests"] == "5"
     assert raw.headers["x-ratelimit-remaining-requests"] == "4"
