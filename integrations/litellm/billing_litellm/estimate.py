@@ -9,7 +9,8 @@
   tokens a chat template adds. Images, audio, video and files are not text: each such part is
   estimated at a fixed number of tokens, sent as ``input_tokens``.
 - The output the client asked for (``max_completion_tokens`` / ``max_tokens`` /
-  ``max_output_tokens``), and how the output the billing service granted is passed upstream.
+  ``max_output_tokens``, times the ``n`` choices it asked for), and how the output the billing
+  service granted is passed upstream (shared among the choices).
 """
 
 from __future__ import annotations
@@ -131,29 +132,43 @@ def _positive_int(value: Any) -> int | None:
     return value if type(value) is int and value >= 1 else None
 
 
+def choices(body: Mapping[str, Any], api: Api) -> int:
+    """How many completions the request makes (``n``; Completions' ``best_of`` too), each
+    producing up to the per-choice maximum."""
+    if api is Api.RESPONSES:
+        return 1
+    counts = [_positive_int(body.get(name)) or 1 for name in ("n", "best_of")]
+    return max(counts) if api is Api.COMPLETIONS else counts[0]
+
+
 def requested_output(body: Mapping[str, Any], api: Api) -> int | None:
-    """The most output tokens the client asked for; None when it set no maximum."""
+    """The most output tokens the client asked for, all choices together; None when it set no
+    maximum."""
     if api is Api.CHAT:
-        return _positive_int(body.get("max_completion_tokens")) or _positive_int(
+        per_choice = _positive_int(body.get("max_completion_tokens")) or _positive_int(
             body.get("max_tokens")
         )
-    return _positive_int(body.get(api.cap_field))
+    else:
+        per_choice = _positive_int(body.get(api.cap_field))
+    return None if per_choice is None else per_choice * choices(body, api)
 
 
 def output_cap(body: Mapping[str, Any], api: Api, granted: int | None) -> dict[str, int]:
-    """The fields to set on the upstream request so it produces at most ``granted`` output
-    tokens: empty when nothing was granted (no cap) or the client's own maximum is within it.
+    """The fields to set on the upstream request so that all its choices together produce at
+    most ``granted`` output tokens: empty when nothing was granted (no cap) or the client's own
+    maximum is within it.
 
     Chat requests keep the field the client used (``max_completion_tokens`` or ``max_tokens``;
     ``max_tokens`` when it used none, which every OpenAI-compatible upstream reads).
     """
     if granted is None:
         return {}
+    per_choice = max(1, granted // choices(body, api))
     fields = [api.cap_field]
     if api is Api.CHAT and "max_completion_tokens" in body:
         fields = ["max_completion_tokens"] + (["max_tokens"] if "max_tokens" in body else [])
     return {
-        name: granted
+        name: per_choice
         for name in fields
-        if (current := _positive_int(body.get(name))) is None or current > granted
+        if (current := _positive_int(body.get(name))) is None or current > per_choice
     }

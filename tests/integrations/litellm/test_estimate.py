@@ -104,6 +104,9 @@ def test_the_bound_is_above_what_a_byte_level_tokenizer_can_produce() -> None:
         ({"max_output_tokens": 300}, Api.RESPONSES, 300),
         ({"max_tokens": 300}, Api.RESPONSES, None),
         ({"max_tokens": 7}, Api.COMPLETIONS, 7),
+        ({"max_tokens": 100, "n": 3}, Api.CHAT, 300),  # every choice may use its maximum
+        ({"max_tokens": 10, "n": 2, "best_of": 5}, Api.COMPLETIONS, 50),
+        ({"max_tokens": 100, "n": 0}, Api.CHAT, 100),
     ],
 )
 def test_requested_output(body: dict[str, Any], api: Api, requested: int | None) -> None:
@@ -126,6 +129,9 @@ def test_requested_output(body: dict[str, Any], api: Api, requested: int | None)
         ({}, Api.RESPONSES, 256, {"max_output_tokens": 256}),
         ({}, Api.COMPLETIONS, 256, {"max_tokens": 256}),
         ({}, Api.CHAT, None, {}),  # a billing service before v2 grants no cap
+        ({"n": 3}, Api.CHAT, 900, {"max_tokens": 300}),  # the grant is shared by the choices
+        ({"max_tokens": 200, "n": 3}, Api.CHAT, 900, {}),
+        ({"n": 4}, Api.CHAT, 2, {"max_tokens": 1}),
     ],
 )
 def test_output_cap(
