@@ -165,11 +165,9 @@ def gateway(app: Flask, db: Session) -> FlaskClient:
     return client_with(app, GATEWAY_TOKEN)
 
 
-@pytest.fixture
-def committed(runtime: Runtime) -> Iterator[Engine]:
-    """For tests whose data must be seen by other processes: commits for real, then cleans up."""
-    yield runtime.engine
-    with runtime.engine.begin() as connection:
+def truncate_committed(engine: Engine) -> None:
+    """Remove what tests committed for real (the price table stays)."""
+    with engine.begin() as connection:
         connection.execute(
             text(
                 "TRUNCATE usage_rollups, key_month_spend, ledger_checkpoints,"
@@ -179,6 +177,13 @@ def committed(runtime: Runtime) -> Iterator[Engine]:
                 " RESTART IDENTITY CASCADE"
             )
         )
+
+
+@pytest.fixture
+def committed(runtime: Runtime) -> Iterator[Engine]:
+    """For tests whose data must be seen by other processes: commits for real, then cleans up."""
+    yield runtime.engine
+    truncate_committed(runtime.engine)
 
 
 @pytest.fixture(scope="session")

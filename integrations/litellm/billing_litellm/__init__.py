@@ -1,0 +1,1 @@
+"""Prepaid billing for a LiteLLM proxy (see README.md)."""
