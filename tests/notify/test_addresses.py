@@ -219,7 +219,7 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> Resolver:
 
 
 def register_url(admin: FlaskClient, receiver: Receiver, url: str) -> str:
-    response = admin.post(ENDPOINTS, json={"url": url, "event_types": ["key.state_changed"]})
+    response = admin.post(ENDPOINTS, json={"url": url, "event_types": ["key.created"]})
     assert response.status_code == 201, response.get_data(as_text=True)
     receiver.secret = response.get_json()["secret"]
     return str(response.get_json()["id"])

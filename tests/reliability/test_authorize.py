@@ -47,6 +47,9 @@ def test_holds_granted_to_32_threads_never_exceed_the_balance_and_settle_exactly
                                 "model": MODEL,
                                 "request_id": request_id,
                                 "max_output_tokens": MAX_OUTPUT,
+                                # All or nothing, so that the count of whole holds is exact
+                                # (tests/enforcement/test_overdraft.py covers clipped holds).
+                                "clip": False,
                             },
                             headers={"Authorization": f"Bearer {GATEWAY_TOKEN}"},
                             timeout=30,
