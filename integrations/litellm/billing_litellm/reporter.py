@@ -89,7 +89,11 @@ class UsageReporter:
         """Queue one usage event (``POST /gateway/v1/usage`` item)."""
         with self._changed:
             self._events.append(event)
-            self._changed.notify_all()
+            # Wake the sender only when it has something to decide (a batch begins or is full):
+            # waking it for every event made it contend for the GIL with LiteLLM's event loop
+            # on every request. It reads the queue before it waits, so no event is missed.
+            if len(self._events) == 1 or len(self._events) >= self._batch_max:
+                self._changed.notify_all()
         self._ensure_thread()
 
     def release(self, release: Release) -> None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from standardwebhooks import WebhookVerificationError
 
+from billing_litellm.client import Unreachable
 from billing_litellm.refusals import Refusal, billing_unavailable
 from billing_litellm.runtime import Runtime
 
@@ -51,14 +51,14 @@ def _dashboard(rt: Runtime, target: str) -> Callable[[Request], Awaitable[Respon
                 query=request.url.query,
                 authorization=request.headers.get("authorization"),
             )
-        except httpx.HTTPError as exc:
-            return _error(billing_unavailable(f"{type(exc).__name__}."))
+        except Unreachable as exc:
+            return _error(billing_unavailable(f"{exc}."))
         headers = {
             name: answer.headers[name]
             for name in ("content-type", "retry-after")
             if name in answer.headers
         }
-        return Response(answer.content, status_code=answer.status_code, headers=headers)
+        return Response(answer.content, status_code=answer.status, headers=headers)
 
     return dashboard
 
